@@ -1,0 +1,1 @@
+"""SFTMix instruction tuning in JAX/Flax NNX."""

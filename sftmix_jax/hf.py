@@ -1,0 +1,247 @@
+"""Hugging Face checkpoints <-> CausalLM: config.json + safetensors, no torch.
+
+Weights are converted one tensor at a time (read, transpose, place), so loading an 8B model
+never holds two full copies in host memory.
+"""
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from sftmix_jax.model import CausalLM, ModelConfig, abstract_model
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+ROPE_TYPES = ("default", "linear", "llama3")
+SHARD_BYTES = 2 << 30  # save_pretrained writes safetensors shards of at most ~2 GiB
+
+
+# ----------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------
+def config_from_hf(hf: dict, dtype="float32", param_dtype="float32", remat="none") -> ModelConfig:
+    """ModelConfig from a config.json dict; anything we would compute differently raises."""
+    kind = hf.get("model_type")
+    if kind not in SUPPORTED:
+        raise ValueError(f"model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in hf:
+            raise ValueError(f"config.json has no {key!r}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})  # transformers 5 / 4
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = rope.setdefault("rope_type", rope.pop("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_parameters.rope_type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported")
+    keep = {"default": (), "linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    rope = {k: rope[k] for k in ("rope_type",) + keep[rope_type]} if rope_type != "default" else {}
+    if kind == "qwen2" and hf.get("use_sliding_window"):
+        raise ValueError("qwen2 use_sliding_window=true is not supported (per-layer windows)")
+    if hf.get("attention_dropout", 0.0):
+        logging.warning("attention_dropout=%s in config.json is not applied (no dropout)", hf["attention_dropout"])
+    heads = hf["num_attention_heads"]
+    attention_bias = bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=tuple(sorted(rope.items())),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=kind == "qwen2" or attention_bias,  # Qwen2 always has q/k/v biases
+        o_bias=kind == "llama" and attention_bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        sliding_window=hf.get("sliding_window") if kind == "mistral" else None,
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        initializer_range=hf.get("initializer_range", 0.02),
+        model_type=kind,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        remat=remat,
+    )
+
+
+def config_to_hf(cfg: ModelConfig, **extra) -> dict:
+    """A config.json dict that transformers reads back into the same architecture."""
+    from transformers import AutoConfig
+
+    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **cfg.rope}
+    kwargs = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters=rope,
+        tie_word_embeddings=cfg.tie_embeddings,
+        max_position_embeddings=cfg.max_position_embeddings,
+        initializer_range=cfg.initializer_range,
+        hidden_act="silu",
+    )
+    if cfg.model_type == "llama":
+        if cfg.qkv_bias != cfg.o_bias:
+            raise ValueError("a llama config has one attention_bias for q/k/v/o")
+        kwargs.update(attention_bias=cfg.o_bias, mlp_bias=cfg.mlp_bias)
+    elif cfg.model_type == "mistral":
+        kwargs.update(sliding_window=cfg.sliding_window)
+    hf = AutoConfig.for_model(cfg.model_type, **kwargs).to_dict()
+    hf.update(architectures=[{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[cfg.model_type]], **extra)
+    hf["dtype"] = cfg.param_dtype
+    return hf
+
+
+# ----------------------------------------------------------------------------------------
+# Weight names and layouts: our path -> (HF name, HF->ours, ours->HF)
+# ----------------------------------------------------------------------------------------
+# HF [heads*H, D] <-> ours [D, heads, H]
+_PROJ = (lambda w, s: w.T.reshape(s), lambda w: w.reshape(w.shape[0], -1).T)
+
+
+_T = (lambda w, s: w.T, lambda w: w.T)
+_ID = (lambda w, s: w, lambda w: w)
+_LAYER = {
+    ("attn", "q", "kernel"): ("self_attn.q_proj.weight", _PROJ),
+    ("attn", "k", "kernel"): ("self_attn.k_proj.weight", _PROJ),
+    ("attn", "v", "kernel"): ("self_attn.v_proj.weight", _PROJ),
+    ("attn", "o", "kernel"): ("self_attn.o_proj.weight", (lambda w, s: w.T.reshape(s), lambda w: w.reshape(-1, w.shape[-1]).T)),
+    ("attn", "q", "bias"): ("self_attn.q_proj.bias", (lambda w, s: w.reshape(s), lambda w: w.reshape(-1))),
+    ("attn", "k", "bias"): ("self_attn.k_proj.bias", (lambda w, s: w.reshape(s), lambda w: w.reshape(-1))),
+    ("attn", "v", "bias"): ("self_attn.v_proj.bias", (lambda w, s: w.reshape(s), lambda w: w.reshape(-1))),
+    ("attn", "o", "bias"): ("self_attn.o_proj.bias", _ID),
+    ("mlp", "gate", "kernel"): ("mlp.gate_proj.weight", _T),
+    ("mlp", "up", "kernel"): ("mlp.up_proj.weight", _T),
+    ("mlp", "down", "kernel"): ("mlp.down_proj.weight", _T),
+    ("mlp", "gate", "bias"): ("mlp.gate_proj.bias", _ID),
+    ("mlp", "up", "bias"): ("mlp.up_proj.bias", _ID),
+    ("mlp", "down", "bias"): ("mlp.down_proj.bias", _ID),
+    ("attn_norm", "scale"): ("input_layernorm.weight", _ID),
+    ("mlp_norm", "scale"): ("post_attention_layernorm.weight", _ID),
+}
+_TOP = {
+    ("embed",): ("model.embed_tokens.weight", _ID),
+    ("norm", "scale"): ("model.norm.weight", _ID),
+    ("lm_head",): ("lm_head.weight", _T),
+}
+# Buffers some checkpoints carry that we recompute.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def hf_name(path) -> tuple:
+    """(HF tensor name, to_ours, to_hf) for one of our parameter paths."""
+    path = tuple(path)
+    if path[0] == "layers":
+        name, fns = _LAYER[path[2:]]
+        return f"model.layers.{path[1]}.{name}", *fns
+    name, fns = _TOP[path]
+    return name, *fns
+
+
+# ----------------------------------------------------------------------------------------
+# Load
+# ----------------------------------------------------------------------------------------
+def resolve(path_or_id: str) -> str:
+    """A local HF directory, or a hub id downloaded to the cache (for users with a network)."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if os.path.exists(path_or_id) or path_or_id.startswith((".", "/")) or path_or_id.count("/") != 1:
+        raise FileNotFoundError(f"{path_or_id!r} is not a model directory (config.json + safetensors) nor a hub id")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
+
+
+def _tensor_files(path: str) -> dict:
+    """tensor name -> safetensors file, from the index of a sharded checkpoint or one file."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    with safe_open(single, framework="numpy") as f:
+        return {k: single for k in f.keys()}
+
+
+def load_pretrained(path: str, dtype="float32", param_dtype="float32", remat="none", shardings=None) -> CausalLM:
+    """CausalLM from a local HF directory or hub id. `shardings`: optional fn(path, value) -> Sharding."""
+    path = resolve(path)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = config_from_hf(json.load(f), dtype=dtype, param_dtype=param_dtype, remat=remat)
+    files = _tensor_files(path)
+    graphdef, state = nnx.split(abstract_model(cfg))
+    flat = dict(nnx.to_flat_state(state))
+    used = set()
+    for key, var in flat.items():
+        name, to_ours, to_hf = hf_name(key)
+        if name not in files:
+            raise ValueError(f"tensor {name!r} (for parameter {'.'.join(map(str, key))}) is missing from {path}")
+        # Open per tensor: closing unmaps the file, so its pages do not pile up in memory.
+        with safe_open(files[name], framework="numpy") as f:
+            w = f.get_tensor(name)
+        want = var.get_value().shape
+        expected = jax.eval_shape(to_hf, jax.ShapeDtypeStruct(want, np.float32)).shape
+        if w.shape != expected:
+            raise ValueError(f"tensor {name!r} has shape {w.shape}; config.json implies {expected}")
+        w = to_ours(w, want).astype(jnp.dtype(param_dtype), copy=False)
+        sharding = shardings(key, var) if shardings else None
+        var.set_value(jax.device_put(w, sharding) if sharding is not None else jnp.asarray(w))
+        used.add(name)
+        del w
+    unused = sorted(n for n in files if n not in used and not _IGNORED.match(n))
+    if cfg.tie_embeddings and unused == ["lm_head.weight"]:
+        unused = []  # some tied checkpoints still store the head; it equals the embedding
+    if unused:
+        raise ValueError(f"tensors in {path} that the model does not use: {unused[:8]}{' ...' if len(unused) > 8 else ''}")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# ----------------------------------------------------------------------------------------
+# Save
+# ----------------------------------------------------------------------------------------
+def save_pretrained(model: CausalLM, path: str, tokenizer=None, max_shard_bytes: int = SHARD_BYTES) -> None:
+    """Write config.json, safetensors (sharded above max_shard_bytes) and the tokenizer."""
+    os.makedirs(path, exist_ok=True)
+    extra = {}
+    if tokenizer is not None:
+        extra = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        tokenizer.save_pretrained(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_to_hf(model.cfg, **extra), f, indent=2)
+    shards, current, size = [], {}, 0
+    for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, _, to_hf = hf_name(key)
+        w = np.ascontiguousarray(to_hf(np.asarray(jax.device_get(var.get_value()))))
+        if current and size + w.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = w, size + w.nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in shard})
+        total += sum(w.nbytes for w in shard.values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

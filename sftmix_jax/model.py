@@ -1,0 +1,267 @@
+"""A Flax NNX decoder-only LM for the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2).
+
+Shape suffixes: B batch, L query length, S key length, D model dim, N query heads,
+K key/value heads, H head dim, F MLP width, V vocabulary.
+
+`CausalLM.hidden` returns the final hidden states (after the final norm) and `CausalLM.head`
+maps them to logits; SFTMix mixes the hidden states between the two. Every parameter carries
+logical axis names (`out_sharding`) and activations are constrained by logical name
+(sharding.py maps both onto a mesh).
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sftmix_jax.sharding import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # Sorted (key, value) pairs of HF's rope_parameters beyond rope_theta; () = default RoPE.
+    rope_scaling: tuple = ()
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2; Llama's attention_bias sets qkv_bias and o_bias
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    model_type: str = "llama"  # llama | mistral | qwen2: the HF architecture we export as
+    dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
+    param_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots: activation checkpointing per decoder block
+
+    @property
+    def rope(self) -> dict:
+        return dict(self.rope_scaling)
+
+
+# ----------------------------------------------------------------------------------------
+# RoPE
+# ----------------------------------------------------------------------------------------
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] as in transformers' ROPE_INIT_FUNCTIONS (default, linear, llama3)."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    rope = cfg.rope
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / rope["factor"]
+    if kind == "llama3":
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old_len = rope["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"unsupported rope_type {kind!r} (supported: default, linear, llama3)")
+
+
+def apply_rope(x_BLNH, cos_BLH, sin_BLH):
+    half = x_BLNH.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BLNH[..., half:], x_BLNH[..., :half]], axis=-1)
+    cos, sin = cos_BLH[:, :, None].astype(x_BLNH.dtype), sin_BLH[:, :, None].astype(x_BLNH.dtype)
+    return x_BLNH * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------
+def _param(rngs, shape, names, dtype, std):
+    init = jax.nn.initializers.normal(std) if std else jax.nn.initializers.zeros
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+class Dense(nnx.Module):
+    """y = einsum(x, w) (+ b) with a kernel of any rank; `eq` names the contraction."""
+
+    def __init__(self, eq, shape, names, bias_dims, cfg: ModelConfig, rngs):
+        self.eq, self.dtype = eq, cfg.dtype
+        self.kernel = _param(rngs, shape, names, cfg.param_dtype, cfg.initializer_range)
+        self.bias = (
+            _param(rngs, shape[-bias_dims:], names[-bias_dims:], cfg.param_dtype, 0.0)
+            if bias_dims
+            else None
+        )
+
+    def __call__(self, x):
+        y = jnp.einsum(self.eq, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim, eps, cfg: ModelConfig):
+        self.eps = eps
+        self.scale = nnx.Param(
+            jnp.ones((dim,), cfg.param_dtype), out_sharding=("norm",), eager_sharding=False
+        )
+
+    def __call__(self, x_BLD):
+        # As in transformers: normalise in float32, cast back, then scale.
+        x = x_BLD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x_BLD.dtype) * x.astype(x_BLD.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs):
+        D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv_bias = 2 if cfg.qkv_bias else 0
+        self.q = Dense("BLD,DNH->BLNH", (D, N, H), ("embed", "heads", "head_dim"), qkv_bias, cfg, rngs)
+        self.k = Dense("BLD,DKH->BLKH", (D, K, H), ("embed", "kv_heads", "head_dim"), qkv_bias, cfg, rngs)
+        self.v = Dense("BLD,DKH->BLKH", (D, K, H), ("embed", "kv_heads", "head_dim"), qkv_bias, cfg, rngs)
+        self.o = Dense("BLNH,NHD->BLD", (N, H, D), ("heads", "head_dim", "embed"), cfg.o_bias, cfg, rngs)
+        self.scale = H**-0.5
+
+    def __call__(self, x_BLD, cos_BLH, sin_BLH, mask_BLS, cache=None, index=None):
+        q_BLNH = constrain(apply_rope(self.q(x_BLD), cos_BLH, sin_BLH), ("act_batch", "act_length", "act_heads", None))
+        k_BLKH = constrain(apply_rope(self.k(x_BLD), cos_BLH, sin_BLH), ("act_batch", "act_length", "act_kv_heads", None))
+        v_BLKH = constrain(self.v(x_BLD), ("act_batch", "act_length", "act_kv_heads", None))
+        if cache is not None:  # decoding: write this step's keys/values at `index`, attend to all
+            k_BLKH = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BLKH.astype(cache["k"].dtype), index, 1)
+            v_BLKH = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BLKH.astype(cache["v"].dtype), index, 1)
+            cache = {"k": k_BLKH, "v": v_BLKH}
+        out_BLNH = jax.nn.dot_product_attention(
+            q_BLNH,
+            k_BLKH.astype(q_BLNH.dtype),
+            v_BLKH.astype(q_BLNH.dtype),
+            mask=None if mask_BLS is None else mask_BLS[:, None],
+            is_causal=mask_BLS is None,
+            scale=self.scale,
+        )
+        return self.o(out_BLNH), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs):
+        D, F, b = cfg.hidden_size, cfg.intermediate_size, int(cfg.mlp_bias)
+        self.gate = Dense("BLD,DF->BLF", (D, F), ("embed", "mlp"), b, cfg, rngs)
+        self.up = Dense("BLD,DF->BLF", (D, F), ("embed", "mlp"), b, cfg, rngs)
+        self.down = Dense("BLF,FD->BLD", (F, D), ("mlp", "embed"), b, cfg, rngs)
+
+    def __call__(self, x_BLD):
+        h_BLF = constrain(jax.nn.silu(self.gate(x_BLD)) * self.up(x_BLD), ("act_batch", "act_length", "act_mlp"))
+        return self.down(h_BLF)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BLD, cos_BLH, sin_BLH, mask_BLS, cache=None, index=None):
+        a_BLD, cache = self.attn(self.attn_norm(x_BLD), cos_BLH, sin_BLH, mask_BLS, cache, index)
+        x_BLD = x_BLD + a_BLD
+        x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
+        return constrain(x_BLD, ("act_batch", "act_length", "act_embed")), cache
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+# ----------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------
+class CausalLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype, cfg.initializer_range)
+        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype, cfg.initializer_range)
+
+    def hidden(self, input_ids_BL, attention_mask_BS=None, positions_BL=None, cache=None, index=None):
+        """Final hidden states h_BLD (after the final norm).
+
+        attention_mask_BS: 1 for real tokens; None means an unpadded or right-padded batch, where
+        the causal mask alone keeps every real token from seeing padding (the fast path).
+        cache/index: a KV cache from `init_cache` and the slot of the first token (decoding);
+        then attention_mask_BS covers the whole cache. Returns (h_BLD, cache) when decoding.
+        """
+        cfg = self.cfg
+        B, L = input_ids_BL.shape
+        if positions_BL is None:
+            if cache is not None:
+                raise ValueError("decoding with a cache needs positions_BL")
+            if attention_mask_BS is None:
+                positions_BL = jnp.broadcast_to(jnp.arange(L), (B, L))
+            else:  # left or right padding: count real tokens, as HF generate does
+                positions_BL = jnp.maximum(jnp.cumsum(attention_mask_BS, -1) - 1, 0)
+        freqs_BLh = positions_BL[..., None].astype(jnp.float32) * rope_inv_freq(cfg)  # a trace-time constant
+        freqs_BLH = jnp.concatenate([freqs_BLh, freqs_BLh], axis=-1)
+        cos_BLH, sin_BLH = jnp.cos(freqs_BLH), jnp.sin(freqs_BLH)
+
+        mask_BLS = None
+        window = cfg.sliding_window
+        if attention_mask_BS is not None or cache is not None or (window and L > window):
+            S = L if cache is None else cache[0]["k"].shape[1]
+            q_L1 = (0 if cache is None else index) + jnp.arange(L)[:, None]
+            k_1S = jnp.arange(S)[None, :]
+            allowed_LS = (k_1S <= q_L1) & ((q_L1 - k_1S < window) if window else True)
+            valid_BS = jnp.ones((B, S), bool) if attention_mask_BS is None else attention_mask_BS.astype(bool)
+            mask_BLS = allowed_LS[None] & valid_BS[:, None, :]
+
+        x_BLD = jnp.take(self.embed[...], input_ids_BL, axis=0).astype(cfg.dtype)
+        x_BLD = constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache[i]
+            if cfg.remat != "none" and cache is None:
+                x_BLD, _ = nnx.remat(lambda blk, *a: blk(*a), policy=REMAT_POLICIES[cfg.remat])(
+                    layer, x_BLD, cos_BLH, sin_BLH, mask_BLS
+                )
+            else:
+                x_BLD, layer_cache = layer(x_BLD, cos_BLH, sin_BLH, mask_BLS, layer_cache, index)
+            new_cache.append(layer_cache)
+        h_BLD = self.norm(x_BLD)
+        return (h_BLD, new_cache) if cache is not None else h_BLD
+
+    def head(self, h_BLD):
+        """Logits over the vocabulary, in the compute dtype (losses upcast to float32)."""
+        dtype = self.cfg.dtype
+        if self.cfg.tie_embeddings:
+            logits = jnp.einsum("...D,VD->...V", h_BLD.astype(dtype), self.embed[...].astype(dtype))
+        else:
+            logits = jnp.einsum("...D,DV->...V", h_BLD.astype(dtype), self.lm_head[...].astype(dtype))
+        return constrain(logits, ("act_batch",) + (None,) * (logits.ndim - 2) + ("act_vocab",))
+
+    def __call__(self, input_ids_BL, attention_mask_BS=None):
+        return self.head(self.hidden(input_ids_BL, attention_mask_BS))
+
+    def init_cache(self, batch_size, max_length, dtype=None):
+        cfg = self.cfg
+        shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+        zeros = lambda: jnp.zeros(shape, dtype or cfg.dtype)  # noqa: E731
+        return [{"k": zeros(), "v": zeros()} for _ in range(cfg.num_layers)]
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> CausalLM:
+    return CausalLM(cfg, nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig) -> CausalLM:
+    """The model with ShapeDtypeStructs instead of arrays: no memory, for loading weights."""
+    return nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0)))

@@ -1,0 +1,53 @@
+"""Optional: the real SmolLM2-135M-Instruct checkpoint against transformers (skips when absent)."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from sftmix_jax import hf  # noqa: E402
+from sftmix_jax.generate import generate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models(smollm2_dir):
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    return tok, ref, hf.load_pretrained(smollm2_dir)
+
+
+def prompt_ids(tok, n=64):
+    text = "Explain in a few sentences why the sky is blue and why sunsets look red, for a curious child"
+    msgs = [{"role": "user", "content": text}]
+    ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"])
+    while len(ids) < n:  # lengthen the question until the chat-templated prompt has n tokens
+        text += " who asks many questions"
+        msgs = [{"role": "user", "content": text}]
+        ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"])
+    return ids[-n:] if len(ids) > n else ids
+
+
+def test_logits_and_greedy_tokens_match(models):
+    tok, ref, ours = models
+    ids = prompt_ids(tok)
+    with torch.no_grad():
+        theirs = ref(torch.tensor([ids])).logits.numpy()
+        ref_new = ref.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
+    mine = np.asarray(ours(jnp.asarray([ids])))
+    assert np.abs(mine - theirs).max() < 1e-3
+    assert generate(ours, [ids], 20) == [ref_new]
+
+
+def test_export_loads_in_transformers(models, tmp_path):
+    tok, ref, ours = models
+    hf.save_pretrained(ours, str(tmp_path), tokenizer=tok)
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ids = torch.tensor([prompt_ids(tok)])
+    with torch.no_grad():
+        exported, original = back(ids).logits.numpy(), ref(ids).logits.numpy()
+    # The export is weight-exact: transformers gives bit-identical logits on it ...
+    assert np.abs(exported - original).max() == 0.0
+    # ... and ours differ from it only by float32 summation order (|logits| ~40, 30 layers).
+    assert np.abs(np.asarray(ours(jnp.asarray(ids.numpy()))) - exported).max() < 1e-3
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path)).chat_template == tok.chat_template
