@@ -1,0 +1,474 @@
+"""Instruction data: load rows, render a prompt template, tokenize with a response mask, batch.
+
+Rows (Alpaca, messages or ShareGPT) become a list of chat messages; the chat template (or
+the Stanford Alpaca prompt) renders them; the loss mask covers exactly the tokens of every
+assistant turn, found as token differences between renderings of conversation prefixes.
+Batches are pure functions of (seed, step), so a resumed run sees the same batches, and
+lengths are padded to a few buckets so that jit compiles a few shapes only.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from typing import Iterator, Sequence
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from sftmix_jax import synthetic
+
+
+def default_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        source="synthetic",  # 'synthetic' | local .json/.jsonl/.parquet | hub id[:split]
+        split="train",  # hub split when the source names none
+        format="alpaca",  # 'alpaca' | 'messages' | 'sharegpt'
+        fields=ml_collections.ConfigDict(dict(
+            # GPTeacher names its answer field 'response': fields.output='response'.
+            instruction="instruction", input="input", output="output",
+            messages="messages", conversations="conversations", id="id")),
+        template="chat",  # 'chat': tokenizer.apply_chat_template | 'alpaca': Stanford prompt + EOS
+        max_length=512,
+        overflow="truncate",  # 'truncate' | 'drop'
+        num_examples=0,  # 0 = all rows; else the first N rows in file order
+        eval_source="",  # separate held-out source; else eval_fraction of the rows
+        eval_fraction=0.1,
+        max_bad_fraction=0.05,
+        buckets=(64, 128, 256, 512),
+        synthetic=ml_collections.ConfigDict(dict(num_train=2400, num_eval=240, seed=0)),
+    ))
+
+
+@dataclasses.dataclass(eq=False)  # eq on numpy fields would be ambiguous
+class Example:
+    id: str
+    input_ids: np.ndarray  # [L] int32, prompt + responses, each assistant turn ending in EOS
+    loss_mask: np.ndarray  # [L] int8, 1 exactly on the tokens of the assistant turns
+    prompt_ids: np.ndarray  # tokens up to the generation prompt of the last assistant turn
+    answer: str  # text of the last assistant turn
+    task: str | None = None
+
+
+# ----------------------------------------------------------------------------------------
+# Rows -> messages
+# ----------------------------------------------------------------------------------------
+
+class BadRow(Exception):
+    """A row that cannot become a training example; args[0] is the reason counted."""
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
+                   "assistant": "assistant", "system": "system"}
+_ROLES = ("system", "user", "assistant")
+
+
+def _get(row: dict, key: str, allow_none: bool = True):
+    # An absent column is often a wrong field name: name it. (datasets fills None for
+    # keys missing from some rows, so None is missing too where a value is required.)
+    if key not in row or (row[key] is None and not allow_none):
+        raise BadRow(f"missing_field:{key}")
+    return row[key]
+
+
+def _message(role, content) -> dict:
+    if role not in _ROLES:
+        raise BadRow("unknown_role")
+    if role == "assistant":
+        if not isinstance(content, str) or not content.strip():
+            raise BadRow("empty_response")
+    elif not isinstance(content, str):
+        raise BadRow("bad_field")
+    return {"role": role, "content": content}
+
+
+def row_to_messages(row: dict, fmt: str, fields) -> list[dict]:
+    """One row -> [{'role', 'content'}], ending at the last assistant turn; raises BadRow."""
+    if fmt == "alpaca":
+        instruction = _get(row, fields.instruction, allow_none=False)
+        inp = row.get(fields.input) or ""
+        if not isinstance(instruction, str) or not isinstance(inp, str):
+            raise BadRow("bad_field")
+        user = "\n\n".join(p for p in (instruction, inp) if p.strip())
+        if not user:
+            raise BadRow("empty_prompt")
+        # instruction/input ride along for the 'alpaca' template; the chat path drops them.
+        messages = [dict(_message("user", user), instruction=instruction, input=inp),
+                    _message("assistant", _get(row, fields.output))]
+    elif fmt in ("messages", "sharegpt"):
+        sharegpt = fmt == "sharegpt"
+        conv = _get(row, fields.conversations if sharegpt else fields.messages)
+        if conv is None or (isinstance(conv, (list, tuple)) and not conv):
+            raise BadRow("empty_conversation")
+        if not isinstance(conv, (list, tuple)) or not all(isinstance(m, dict) for m in conv):
+            raise BadRow("bad_field")
+        role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+        messages = []
+        for m in conv:
+            role = m.get(role_key)
+            role = _SHAREGPT_ROLES.get(role, role) if sharegpt else role
+            messages.append(_message(role, m.get(content_key)))
+    else:
+        raise ValueError(f"data.format={fmt!r}; expected 'alpaca', 'messages' or 'sharegpt'")
+    last = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    if last < 0:
+        raise BadRow("no_assistant_turn")
+    return messages[: last + 1]  # Trailing user turns carry no loss.
+
+
+# ----------------------------------------------------------------------------------------
+# Templates and the response mask
+# ----------------------------------------------------------------------------------------
+
+# Stanford Alpaca's prompts (tatsu-lab/stanford_alpaca train.py), with a newline after
+# "### Response:" as in alpaca-lora and most re-implementations.
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.")
+ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input "
+                         "that provides further context. "
+                         "Write a response that appropriately completes the request.")
+
+
+def render_alpaca(messages: Sequence[dict], eos_token: str, add_generation_prompt: bool) -> str:
+    """The Alpaca prompt; a chat repeats Instruction/Response blocks, EOS after each reply."""
+    first = next((m for m in messages if m["role"] == "user"), {})
+    if messages and messages[0]["role"] == "system":
+        text = messages[0]["content"]
+    else:
+        text = ALPACA_PREAMBLE_INPUT if first.get("input") else ALPACA_PREAMBLE
+    for m in messages:
+        if m["role"] == "user":
+            if "instruction" in m and m.get("input"):
+                text += f"\n\n### Instruction:\n{m['instruction']}\n\n### Input:\n{m['input']}"
+            else:
+                text += f"\n\n### Instruction:\n{m['content']}"
+        elif m["role"] == "assistant":
+            text += f"\n\n### Response:\n{m['content']}{eos_token}"
+    return text + ("\n\n### Response:\n" if add_generation_prompt else "")
+
+
+def _render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+    if template == "alpaca":
+        return render_alpaca(messages, tokenizer.eos_token, add_generation_prompt)
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    try:
+        return tokenizer.apply_chat_template(
+            plain, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # Templates raise on roles/orders they refuse; count the row.
+        logging.log_first_n(logging.WARNING, "chat template refused a row: %s", 3, e)
+        raise BadRow("template_error") from e
+
+
+def render_turns(messages: list[dict], tokenizer, template: str) -> list[str]:
+    """[prompt_0, full_0, prompt_1, full_1, ...], one pair per assistant turn k.
+
+    prompt_k renders messages[:k] with the generation prompt, full_k renders messages[:k+1];
+    turn k's tokens are those of full_k beyond prompt_k. A template whose renderings are not
+    prefixes of one another (one that rewrites earlier turns) cannot be masked: raise.
+    """
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    texts = []
+    for k in turns:
+        texts += [_render(tokenizer, template, messages[:k], True),
+                  _render(tokenizer, template, messages[: k + 1], False)]
+    for j, text in enumerate(texts):
+        if not texts[-1].startswith(text) or (j % 2 and not text.startswith(texts[j - 1])):
+            raise ValueError(
+                f"the {template!r} template breaks the prefix property at assistant turn "
+                f"{j // 2} (it rewrites earlier turns?), so response tokens cannot be "
+                f"located; rendered prefix: {text[-200:]!r}")
+    return texts
+
+
+def mask_turns(encoded: list[list[int]], eos_id: int | None = None):
+    """Token ids of render_turns' texts -> (input_ids, loss_mask, prompt_len of the last turn).
+
+    A string prefix whose tokens are no prefix (a merge across the prompt/response boundary)
+    is this row's problem, not the template's: BadRow. eos_id: check each turn ends in it.
+    """
+    ids = encoded[-1]
+    mask_L = np.zeros(len(ids), np.int8)
+    end = 0
+    for prompt, full in zip(encoded[0::2], encoded[1::2]):
+        if not (end <= len(prompt) < len(full) and ids[: len(full)] == full
+                and full[: len(prompt)] == prompt):
+            raise BadRow("token_boundary")
+        if eos_id is not None and full[-1] != eos_id:
+            raise ValueError("the tokenizer does not encode its eos_token text as the EOS id")
+        mask_L[len(prompt): len(full)] = 1
+        end = len(full)
+    return np.asarray(ids, np.int32), mask_L, len(encoded[-2])
+
+
+# ----------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------
+
+def _read_rows(source: str, default_split: str) -> list[dict]:
+    import datasets  # Imported here: slow, and unused by the synthetic source.
+
+    lower = source.lower()
+    if lower.endswith((".json", ".jsonl")):
+        ds = datasets.load_dataset("json", data_files=source, split="train")
+    elif lower.endswith(".parquet"):
+        ds = datasets.load_dataset("parquet", data_files=source, split="train")
+    else:  # A hub id or a local dataset directory; 'id:split' picks a split.
+        name, split = source, default_split
+        if not os.path.exists(source) and ":" in source:
+            name, split = source.rsplit(":", 1)
+        ds = datasets.load_dataset(name, split=split)
+    return ds.to_list()
+
+
+def _row_ids(rows: list[dict], id_field: str, what: str) -> list[str]:
+    """The row's own id when it has one, else its index in file order."""
+    ids = [str(r[id_field]) if r.get(id_field) is not None else str(i) for i, r in enumerate(rows)]
+    dups = [i for i, c in collections.Counter(ids).items() if c > 1]
+    if dups:
+        raise ValueError(f"{what}: {len(dups)} ids occur more than once (ids must be unique "
+                         f"for the confidence stage), e.g. {dups[:10]}; fix the data or set "
+                         "data.fields.id to a field that does not exist to use row indices")
+    return ids
+
+
+def _convert(rows, fmt, fields, tokenizer, cfg, what: str, stats: dict, chunk: int = 1024):
+    """Rows -> [Example or None per row], adding to stats; raises above max_bad_fraction.
+
+    Rows go in chunks: one tokenizer call per chunk lets the Rust tokenizer use every
+    core, and the chunk bounds the memory held by Python lists of token ids.
+    """
+    if cfg.overflow not in ("truncate", "drop"):
+        raise ValueError(f"data.overflow={cfg.overflow!r}; expected 'truncate' or 'drop'")
+    if cfg.template not in ("chat", "alpaca"):
+        raise ValueError(f"data.template={cfg.template!r}; expected 'chat' or 'alpaca'")
+    if cfg.template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat_template; set data.template='alpaca'")
+    if cfg.template == "alpaca" and tokenizer.eos_token is None:
+        raise ValueError("data.template='alpaca' needs a tokenizer with an eos_token")
+    eos_id = tokenizer.eos_token_id if cfg.template == "alpaca" else None
+    ids = _row_ids(rows, fields.id, what)
+    bad, bad_ids, out = collections.Counter(), collections.defaultdict(list), []
+
+    def skip(rid, reason):
+        bad[reason] += 1
+        if len(bad_ids[reason]) < 5:
+            bad_ids[reason].append(rid)
+        out.append(None)
+
+    for start in range(0, len(rows), chunk):
+        rendered = []  # (row, id, messages, texts), or (row, id, None, [reason]) for a bad row
+        for row, rid in zip(rows[start: start + chunk], ids[start: start + chunk]):
+            try:
+                messages = row_to_messages(row, fmt, fields)
+                texts = render_turns(messages, tokenizer, cfg.template)
+                rendered.append((row, rid, messages, texts))
+            except BadRow as e:
+                rendered.append((row, rid, None, list(e.args)))
+        flat = [t for _, _, m, texts in rendered if m is not None for t in texts]
+        # Chat templates write their own BOS; the Alpaca text relies on the tokenizer's.
+        encoded = iter(tokenizer(flat, add_special_tokens=cfg.template == "alpaca")["input_ids"]
+                       if flat else [])
+        for row, rid, messages, texts in rendered:
+            if messages is None:
+                skip(rid, texts[0])
+                continue
+            try:
+                ids_L, mask_L, prompt_len = mask_turns([next(encoded) for _ in texts], eos_id)
+            except BadRow as e:
+                skip(rid, e.args[0])
+                continue
+            prompt_ids = ids_L[:prompt_len].copy()  # Before any cut: generation needs it whole.
+            if len(ids_L) > cfg.max_length:
+                # A cut that leaves no response token leaves nothing to learn: drop the row.
+                if cfg.overflow == "drop" or not mask_L[: cfg.max_length].any():
+                    stats["dropped_too_long"] += 1
+                    out.append(None)
+                    continue
+                ids_L, mask_L = ids_L[: cfg.max_length], mask_L[: cfg.max_length]
+                stats["truncated"] += 1
+            task = row.get("task")
+            out.append(Example(id=rid, input_ids=ids_L, loss_mask=mask_L, prompt_ids=prompt_ids,
+                               answer=messages[-1]["content"],
+                               task=task if isinstance(task, str) else None))
+    n_bad = sum(bad.values())
+    if n_bad:
+        logging.warning("%s: skipped %d of %d rows: %s; first ids %s",
+                        what, n_bad, len(rows), dict(bad), dict(bad_ids))
+    if rows and n_bad / len(rows) > cfg.max_bad_fraction:
+        raise ValueError(f"{what}: {n_bad} of {len(rows)} rows are bad "
+                         f"(> data.max_bad_fraction={cfg.max_bad_fraction}): reasons "
+                         f"{dict(bad)}, first ids {dict(bad_ids)}")
+    stats["rows"] += len(rows)
+    for reason, n in bad.items():
+        stats["bad"][reason] = stats["bad"].get(reason, 0) + n
+        stats["bad_ids"][reason] = (stats["bad_ids"].get(reason, []) + bad_ids[reason])[:5]
+    return out
+
+
+def load_examples(cfg: ml_collections.ConfigDict, tokenizer, seed: int):
+    """-> (train, held_out, stats); both lists keep file order.
+
+    Held out: data.eval_source when set; else a seeded eval_fraction of the rows (after
+    num_examples), chosen among rows before any is skipped, so the split does not move
+    when max_length or the template changes. The synthetic source holds out its own
+    synthetic.num_eval rows, generated after (and distinct from) the training rows.
+    """
+    stats = {"rows": 0, "bad": {}, "bad_ids": {}, "truncated": 0, "dropped_too_long": 0}
+    if cfg.source == "synthetic":
+        s = cfg.synthetic
+        rows = synthetic.generate(s.num_train + s.num_eval, s.seed)
+        fields = default_config().fields  # Synthetic rows use the Alpaca field names.
+        train = _convert(rows[: s.num_train], "alpaca", fields, tokenizer, cfg, "synthetic", stats)
+        held = _convert(rows[s.num_train:], "alpaca", fields, tokenizer, cfg,
+                        "synthetic held-out", stats)
+    else:
+        rows = _read_rows(cfg.source, cfg.split)
+        if cfg.num_examples:
+            rows = rows[: cfg.num_examples]
+        train = _convert(rows, cfg.format, cfg.fields, tokenizer, cfg, cfg.source, stats)
+        if cfg.eval_source:
+            held = _convert(_read_rows(cfg.eval_source, cfg.split), cfg.format, cfg.fields,
+                            tokenizer, cfg, cfg.eval_source, stats)
+        else:
+            is_held = np.zeros(len(rows), bool)
+            n_held = int(round(cfg.eval_fraction * len(rows)))
+            is_held[np.random.default_rng(seed).permutation(len(rows))[:n_held]] = True
+            train, held = ([e for e, h in zip(train, is_held) if h == want] for want in (0, 1))
+    train = [e for e in train if e is not None]
+    held = [e for e in held if e is not None]
+    stats.update(train=len(train), held_out=len(held))
+    logging.info("data %s: %s", cfg.source, stats)
+    return train, held, stats
+
+
+# ----------------------------------------------------------------------------------------
+# Batching
+# ----------------------------------------------------------------------------------------
+
+def pad_length(n: int, buckets: Sequence[int], fallback: int) -> int:
+    """The smallest bucket >= n; `fallback` when n exceeds them all."""
+    return min((b for b in buckets if b >= n), default=max(fallback, n))
+
+
+def collate(examples: Sequence[Example], rows: np.ndarray, length: int, pad_id: int = 0) -> dict:
+    """Rows (indices into examples, -1 = padding row) -> a batch of [B, length] arrays."""
+    B = len(rows)
+    input_ids_BL = np.full((B, length), pad_id, np.int32)
+    attention_mask_BL = np.zeros((B, length), np.int32)
+    loss_mask_BL = np.zeros((B, length), np.float32)
+    for b, i in enumerate(rows):
+        if i < 0:
+            continue
+        e = examples[i]
+        n = len(e.input_ids)
+        input_ids_BL[b, :n] = e.input_ids
+        attention_mask_BL[b, :n] = 1
+        loss_mask_BL[b, :n] = e.loss_mask
+    # Position t predicts token t+1; the last position predicts nothing.
+    targets_BL = np.full_like(input_ids_BL, pad_id)
+    targets_BL[:, :-1] = input_ids_BL[:, 1:]
+    weights_BL = np.zeros_like(loss_mask_BL)
+    weights_BL[:, :-1] = loss_mask_BL[:, 1:]
+    return {"input_ids": input_ids_BL, "attention_mask": attention_mask_BL,
+            "targets": targets_BL, "weights": weights_BL,
+            "index": np.asarray(rows, np.int32)}
+
+
+class _Batches:
+    """Shared by the samplers: lengths, buckets and the per-process slicing."""
+
+    def __init__(self, examples, batch_size, seed, buckets, process_index, process_count, pad_id):
+        if batch_size <= 0 or batch_size % process_count:
+            raise ValueError(f"batch_size={batch_size} must be a positive multiple of "
+                             f"process_count={process_count}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.buckets = tuple(sorted(buckets))
+        self.process_index, self.process_count, self.pad_id = process_index, process_count, pad_id
+        self.lengths = np.array([len(e.input_ids) for e in examples], np.int64)
+        # One shape beyond the buckets: the longest example rounded up to a multiple of 64.
+        self.fallback = -(-int(self.lengths.max(initial=1)) // 64) * 64
+
+    def _emit(self, parts: list[np.ndarray]) -> dict:
+        """Global rows, in parts -> this process's slice of each part, concatenated; the
+        length comes from the whole global batch so that every process pads alike."""
+        rows = np.concatenate(parts)
+        length = pad_length(int(self.lengths[rows].max()), self.buckets, self.fallback)
+        p = self.process_index
+        local = [np.array_split(part, self.process_count)[p] for part in parts]
+        return collate(self.examples, np.concatenate(local), length, self.pad_id)
+
+
+class TrainBatches(_Batches):
+    """Epochs of seeded permutations; batch(step) is a pure function of (seed, step)."""
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int,
+                 buckets: Sequence[int], process_index: int = 0, process_count: int = 1,
+                 *, pad_id: int = 0):
+        super().__init__(examples, batch_size, seed, buckets, process_index, process_count, pad_id)
+        if len(examples) < batch_size:
+            raise ValueError(f"{len(examples)} examples < batch_size={batch_size}")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.examples) // self.batch_size  # drop_last
+
+    def batch(self, step: int) -> dict:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+        return self._emit([order[i * self.batch_size: (i + 1) * self.batch_size]])
+
+
+class PairedBatches(_Batches):
+    """SFTMix batches: B/2 confident rows then B/2 unconfident rows; pair k = (k, k + B/2).
+
+    Each half is permuted per (seed, epoch) independently; with several processes every
+    host holds its slice of each half, so pairs stay (k, k + B_local/2) on every host.
+    """
+
+    def __init__(self, examples: Sequence[Example], confident: Sequence[int],
+                 unconfident: Sequence[int], batch_size: int, seed: int,
+                 buckets: Sequence[int], process_index: int = 0, process_count: int = 1,
+                 *, pad_id: int = 0):
+        if batch_size % 2 or (batch_size // 2) % process_count:
+            raise ValueError(f"batch_size={batch_size} must be even, and batch_size/2 a "
+                             f"multiple of process_count={process_count}")
+        super().__init__(examples, batch_size, seed, buckets, process_index, process_count, pad_id)
+        self.halves = [np.asarray(confident, np.int64), np.asarray(unconfident, np.int64)]
+        for h in self.halves:
+            if h.size and (h.min() < 0 or h.max() >= len(examples)):
+                raise ValueError("confident/unconfident indices out of range of examples")
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"halves of {[len(h) for h in self.halves]} rows are smaller "
+                             f"than batch_size/2={batch_size // 2}")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return min(len(h) for h in self.halves) // (self.batch_size // 2)
+
+    def batch(self, step: int) -> dict:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        half = self.batch_size // 2
+        parts = []
+        for which, h in enumerate(self.halves):
+            order = np.random.default_rng([self.seed, epoch, which]).permutation(len(h))
+            parts.append(h[order[i * half: (i + 1) * half]])
+        return self._emit(parts)
+
+
+def eval_batches(examples: Sequence[Example], batch_size: int, buckets: Sequence[int],
+                 *, pad_id: int = 0) -> Iterator[dict]:
+    """Every example once, shortest first (less padding); the last batch padded with -1 rows."""
+    if not examples:
+        return
+    batches = _Batches(examples, batch_size, 0, buckets, 0, 1, pad_id)
+    order = np.argsort(batches.lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        rows = order[start: start + batch_size]
+        rows = np.concatenate([rows, np.full(batch_size - len(rows), -1, np.int64)])
+        length = pad_length(int(batches.lengths[rows[rows >= 0]].max()), batches.buckets,
+                            batches.fallback)
+        yield collate(examples, rows, length, pad_id)

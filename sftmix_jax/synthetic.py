@@ -1,0 +1,141 @@
+"""The built-in instruction suite and byte-level tokenizer behind configs/tiny.py.
+
+Nothing here touches a file or the network: the tokenizer is assembled in code and the
+tasks are generated from a seed, so the tiny pipeline runs anywhere. The task families
+have exact, short answers of graded difficulty (copying is easy, adding is hard), so a
+tiny model shows a measurable difference between training recipes in a few CPU minutes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tokenizers
+import transformers
+from tokenizers import decoders, models, pre_tokenizers, processors
+
+# ----------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------
+
+PAD, BOS, EOS = "<pad>", "<|bos|>", "<|end|>"
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+# Ids 0..255 are the bytes themselves; the special tokens follow in this order.
+SPECIAL_TOKENS = (PAD, BOS, EOS, *ROLE_TOKENS.values())
+
+# One turn is `<|role|>content<|end|>`; the rendering of the first k messages is a string
+# prefix of the rendering of k+1 messages, which the loss mask in data.py relies on.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('Unknown role: ' + message['role']) }}"
+    "{% endif %}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, as the ByteLevel pre-tokenizer applies it."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:  # Unprintable bytes go to code points 256.. in byte order.
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A 262-token byte-level tokenizer (id == byte value) with a chat template.
+
+    A BPE model without merges over the 256 byte characters gives exactly one token per
+    UTF-8 byte, and the ByteLevel decoder joins bytes back, so any unicode round-trips.
+    """
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    # add_special_tokens=True prepends BOS, like Llama tokenizers; chat text carries its own.
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        model_max_length=4096,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Task suite
+# ----------------------------------------------------------------------------------------
+
+TASKS = ("copy", "upper", "reverse", "sort", "count", "add")  # roughly easy -> hard
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _word(rng: np.random.Generator) -> str:
+    return "".join(rng.choice(list(_LETTERS), size=int(rng.integers(3, 7))))
+
+
+def _make(task: str, rng: np.random.Generator) -> tuple[str, str, str]:
+    """One (instruction, input, output) of a family; the output is computed, never sampled."""
+    if task == "copy":
+        w = _word(rng)
+        return "Copy the word.", w, w
+    if task == "upper":
+        w = _word(rng)
+        return "Write the word in upper case.", w, w.upper()
+    if task == "reverse":
+        w = _word(rng)
+        return "Reverse the word.", w, w[::-1]
+    if task == "sort":
+        digits = "".join(str(d) for d in rng.integers(0, 10, size=int(rng.integers(3, 7))))
+        return "Sort the digits in increasing order.", digits, "".join(sorted(digits))
+    if task == "count":
+        w = _word(rng)
+        # Mostly a letter of the word so that answers are not nearly always 0.
+        in_word = rng.random() < 0.8
+        letter = w[int(rng.integers(len(w)))] if in_word else str(rng.choice(list(_LETTERS)))
+        instruction = f"Count how many times the letter '{letter}' appears in the word."
+        return instruction, w, str(w.count(letter))
+    if task == "add":
+        a, b = (int(x) for x in rng.integers(0, 100, size=2))
+        return "Add the two numbers.", f"{a} + {b}", str(a + b)
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def generate(num: int, seed: int) -> list[dict]:
+    """`num` Alpaca-style rows, families in round-robin order, prompts unique within a call.
+
+    Deterministic in (num, seed), and generate(n, s) is a prefix of generate(m, s) for
+    n <= m, so a held-out tail taken from a longer call never repeats a training prompt.
+    """
+    rng = np.random.default_rng(seed)
+    rows, seen = [], set()
+    for n in range(num):
+        task = TASKS[n % len(TASKS)]
+        for _ in range(1000):  # Rejection keeps prompts unique; the spaces are large.
+            instruction, inp, out = _make(task, rng)
+            if (instruction, inp) not in seen:
+                break
+        else:
+            raise ValueError(f"task {task!r} ran out of unique prompts at {num} rows")
+        seen.add((instruction, inp))
+        rows.append({"id": f"synthetic-{task}-{n}", "task": task,
+                     "instruction": instruction, "input": inp, "output": out})
+    return rows
