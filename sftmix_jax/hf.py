@@ -245,3 +245,38 @@ def save_pretrained(model: CausalLM, path: str, tokenizer=None, max_shard_bytes:
         total += sum(w.nbytes for w in shard.values())
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------
+# Model and tokenizer from a config block
+# ----------------------------------------------------------------------------------------
+def model_config(cfg) -> ModelConfig:
+    """ModelConfig of a config.model block, without touching any weights."""
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
+    if cfg.source == "init":
+        return ModelConfig(**cfg.init.to_dict(), **kw)
+    with open(os.path.join(resolve(cfg.source), "config.json")) as f:
+        return config_from_hf(json.load(f), **kw)
+
+
+def load_model(cfg, seed: int = 0) -> CausalLM:
+    """config.model: `source` = 'init' (random init from cfg.init) or an HF directory / hub id."""
+    if cfg.source == "init":
+        from sftmix_jax.model import init_model
+
+        return init_model(model_config(cfg), seed)
+    return load_pretrained(cfg.source, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
+
+
+def load_tokenizer(source: str):
+    """'synthetic' (the built-in byte-level tokenizer) or an HF directory / hub id."""
+    if source == "synthetic":
+        from sftmix_jax.synthetic import make_tokenizer
+
+        return make_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source)
+    if tok.pad_token_id is None:  # many chat models ship without one; padding is masked anyway
+        tok.pad_token = tok.eos_token
+    return tok

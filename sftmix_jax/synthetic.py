@@ -81,7 +81,7 @@ def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
 
 
 # ----------------------------------------------------------------------------------------
-# Task suite
+# Task suite: terse instructions, so that compute goes to the answers
 # ----------------------------------------------------------------------------------------
 
 TASKS = ("copy", "upper", "reverse", "sort", "count", "add")  # roughly easy -> hard
@@ -89,33 +89,33 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def _word(rng: np.random.Generator) -> str:
-    return "".join(rng.choice(list(_LETTERS), size=int(rng.integers(3, 7))))
+    return "".join(rng.choice(list(_LETTERS), size=int(rng.integers(3, 6))))
 
 
 def _make(task: str, rng: np.random.Generator) -> tuple[str, str, str]:
     """One (instruction, input, output) of a family; the output is computed, never sampled."""
     if task == "copy":
         w = _word(rng)
-        return "Copy the word.", w, w
+        return "copy", w, w
     if task == "upper":
         w = _word(rng)
-        return "Write the word in upper case.", w, w.upper()
+        return "upper case", w, w.upper()
     if task == "reverse":
         w = _word(rng)
-        return "Reverse the word.", w, w[::-1]
+        return "reverse", w, w[::-1]
     if task == "sort":
-        digits = "".join(str(d) for d in rng.integers(0, 10, size=int(rng.integers(3, 7))))
-        return "Sort the digits in increasing order.", digits, "".join(sorted(digits))
+        digits = "".join(str(d) for d in rng.integers(0, 10, size=int(rng.integers(3, 6))))
+        return "sort digits", digits, "".join(sorted(digits))
     if task == "count":
         w = _word(rng)
         # Mostly a letter of the word so that answers are not nearly always 0.
         in_word = rng.random() < 0.8
         letter = w[int(rng.integers(len(w)))] if in_word else str(rng.choice(list(_LETTERS)))
-        instruction = f"Count how many times the letter '{letter}' appears in the word."
+        instruction = f"count '{letter}'"
         return instruction, w, str(w.count(letter))
     if task == "add":
         a, b = (int(x) for x in rng.integers(0, 100, size=2))
-        return "Add the two numbers.", f"{a} + {b}", str(a + b)
+        return "add", f"{a}+{b}", str(a + b)
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 

@@ -36,7 +36,7 @@ def _answer(row):
     if task == "sort":
         return "".join(sorted(inp))
     if task == "add":
-        a, b = inp.split(" + ")
+        a, b = inp.split("+")
         return str(int(a) + int(b))
     if task == "count":
         letter = row["instruction"].split("'")[1]

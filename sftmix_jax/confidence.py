@@ -1,0 +1,139 @@
+"""Stage 2: replay the reference checkpoints -> perplexities -> confidence -> split.
+
+    Perp_c(i) = exp(mean response NLL of example i under checkpoint c)
+    Conf(i)   = -mean_c Perp_c(i)        Var(i) = std_c Perp_c(i)
+
+The split is at the median of Conf into equal confident (upper) and unconfident (lower)
+halves; with an odd count the median example is dropped (and recorded as such). Each
+checkpoint's perplexities are cached, so an interrupted replay resumes at the next checkpoint.
+"""
+import json
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from sftmix_jax import hf
+from sftmix_jax.evaluate import example_nll
+from sftmix_jax.model import abstract_model
+
+
+def reference_model_config(c):
+    """The config block of the reference model (config.model unless weak-to-strong)."""
+    if not c.reference.model_source:
+        return c.model
+    m = c.model.copy_and_resolve_references()
+    m.unlock()
+    m.source = c.reference.model_source
+    return m
+
+
+def replay(ckpt_dir, steps, examples, model_cfg, batch_size, buckets, pad_id, cache_dir) -> np.ndarray:
+    """Perplexity [C, n] of every example under each checkpoint, cached per checkpoint."""
+    from sftmix_jax.train import restore_params
+
+    graphdef, abstract = nnx.split(abstract_model(hf.model_config(model_cfg)))
+    perps = []
+    for step in steps:
+        cache = os.path.join(cache_dir, f"perplexity_step{step}.npy")
+        if os.path.exists(cache):
+            logging.info("replay: checkpoint %d cached", step)
+            perps.append(np.load(cache))
+            continue
+        params = restore_params(ckpt_dir, step, abstract)
+        nll, count = example_nll(nnx.merge(graphdef, params), examples, batch_size, buckets, pad_id,
+                                 desc=f"replay step {step}")
+        if (count == 0).any():
+            raise ValueError(f"examples without response tokens: {[examples[i].id for i in np.flatnonzero(count == 0)[:5]]}")
+        perp = np.exp(nll / count)
+        if jax.process_index() == 0:
+            np.save(cache + ".tmp.npy", perp)
+            os.replace(cache + ".tmp.npy", cache)
+        perps.append(perp)
+    return np.stack(perps)
+
+
+def median_split(conf: np.ndarray):
+    """(confident, unconfident, dropped) row indices: equal halves by confidence."""
+    order = np.argsort(-conf, kind="stable")  # most confident first; ties by row order
+    half = len(order) // 2
+    dropped = order[half : len(order) - half]  # the median row when the count is odd
+    return np.sort(order[:half]), np.sort(order[len(order) - half :]), dropped
+
+
+def run(run) -> dict:
+    c = run.config
+    out = run.stage_dir("confidence")
+    with open(os.path.join(run.stage_dir("reference"), "done.json")) as f:
+        steps = json.load(f)["replay_steps"]
+    if len(steps) < 2:
+        raise ValueError(f"confidence needs >= 2 reference checkpoints to replay, got {steps}: "
+                         "set config.reference.checkpoints >= 2")
+    train_ex = run.data[0]
+    perp_CN = replay(os.path.join(run.stage_dir("reference"), "checkpoints"), steps, train_ex,
+                     reference_model_config(c), c.confidence.batch_size, c.data.buckets, run.pad_id, out)
+    conf_N, var_N = -perp_CN.mean(0), perp_CN.std(0)
+    confident, unconfident, dropped = median_split(conf_N)
+    split = np.full(len(train_ex), "", object)
+    split[confident], split[unconfident], split[dropped] = "confident", "unconfident", "dropped"
+    if len(dropped):
+        logging.info("odd number of examples: dropped the median example %s", train_ex[dropped[0]].id)
+    if jax.process_index() == 0:
+        with open(os.path.join(out, "scores.jsonl.tmp"), "w") as f:
+            for i, ex in enumerate(train_ex):
+                f.write(json.dumps({"id": ex.id, "perplexity": perp_CN[:, i].tolist(), "confidence": float(conf_N[i]),
+                                    "variability": float(var_N[i]), "split": split[i]}) + "\n")
+        os.replace(os.path.join(out, "scores.jsonl.tmp"), os.path.join(out, "scores.jsonl"))
+        data_map(conf_N, var_N, split, os.path.join(out, "data_map.png"), steps)
+    summary = {
+        "checkpoint_steps": steps,
+        "confident": {"n": len(confident), "confidence": [float(conf_N[confident].min()), float(conf_N[confident].max())]},
+        "unconfident": {"n": len(unconfident), "confidence": [float(conf_N[unconfident].min()), float(conf_N[unconfident].max())]},
+        "dropped": [train_ex[i].id for i in dropped],
+    }
+    logging.info("confidence split: %s", summary)
+    return summary
+
+
+def load_split(conf_dir, examples, mode="confidence", seed=0):
+    """(confident, unconfident) row indices into `examples`, from scores.jsonl.
+
+    mode 'random' (the control): halves of the same sizes drawn at random from the same rows.
+    """
+    with open(os.path.join(conf_dir, "scores.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    ids = [e.id for e in examples]
+    if [r["id"] for r in rows] != ids:
+        raise ValueError(f"{conf_dir}/scores.jsonl does not match the training set (was the data config changed?)")
+    split = np.array([r["split"] for r in rows])
+    confident, unconfident = np.flatnonzero(split == "confident"), np.flatnonzero(split == "unconfident")
+    if mode == "random":
+        kept = np.random.default_rng([seed, 1]).permutation(np.concatenate([confident, unconfident]))
+        confident, unconfident = np.sort(kept[: len(confident)]), np.sort(kept[len(confident) :])
+    elif mode != "confidence":
+        raise ValueError(f"config.confidence.split={mode!r}: use 'confidence' or 'random'")
+    return confident, unconfident
+
+
+def data_map(conf, var, split, path, steps):
+    """Dataset-Cartography data map (variability vs confidence by split) and a confidence histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, hist) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    for name, color in (("confident", "tab:blue"), ("unconfident", "tab:orange"), ("dropped", "gray")):
+        m = split == name
+        if m.any():
+            ax.scatter(var[m], conf[m], s=6, alpha=0.5, color=color, label=f"{name} ({m.sum()})")
+            hist.hist(conf[m], bins=40, color=color, alpha=0.7, label=name)
+    ax.set(xlabel="variability (std of perplexity over checkpoints)", ylabel="confidence (-mean perplexity)",
+           title=f"Data map: {len(conf)} examples, checkpoints {steps}")
+    ax.legend(markerscale=3)
+    hist.set(xlabel="confidence", ylabel="examples", title="Confidence")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

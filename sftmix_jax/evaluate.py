@@ -1,0 +1,115 @@
+"""Held-out metrics: response loss / perplexity, greedy exact match per task family.
+
+`example_nll` (a jitted forward pass, no gradients) is shared with the confidence replay: it
+returns each example's summed response NLL and token count.
+"""
+import collections
+import functools
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from tqdm.auto import tqdm
+
+from sftmix_jax import losses
+from sftmix_jax.data import eval_batches
+from sftmix_jax.generate import generate
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _example_nll(graphdef, state, input_ids_BL, targets_BL, weights_BL):
+    model = nnx.merge(graphdef, state)
+    logits_BLV = model.head(model.hidden(input_ids_BL))
+    nll_BL = losses.cross_entropy(logits_BLV, targets_BL)
+    # where(), not a product: padding rows must not turn a NaN into the sum
+    return jnp.sum(jnp.where(weights_BL > 0, nll_BL, 0.0), -1), jnp.sum(weights_BL, -1)
+
+
+def example_nll(model, examples, batch_size, buckets, pad_id=0, desc=None):
+    """Per-example (summed response NLL [n], response token count [n]), in examples' order."""
+    graphdef, state = nnx.split(model)
+    nll, count = np.zeros(len(examples)), np.zeros(len(examples))
+    total = -(-len(examples) // batch_size)
+    for batch in tqdm(eval_batches(examples, batch_size, buckets, pad_id=pad_id), total=total, desc=desc,
+                      disable=desc is None or jax.process_index() != 0, leave=False):
+        s, c = _example_nll(graphdef, state, batch["input_ids"], batch["targets"], batch["weights"])
+        rows = batch["index"] >= 0
+        nll[batch["index"][rows]], count[batch["index"][rows]] = np.asarray(s)[rows], np.asarray(c)[rows]
+    return nll, count
+
+
+def heldout_loss(model, examples, batch_size, buckets, pad_id=0) -> dict:
+    """Token-mean response NLL over the held-out set, and its perplexity."""
+    nll, count = example_nll(model, examples, batch_size, buckets, pad_id)
+    loss = float(nll.sum() / max(count.sum(), 1))
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(count.sum())}
+
+
+def exact_match(model, tokenizer, examples, max_new_tokens, batch_size=32) -> dict:
+    """Greedy answers vs references (stripped), overall and per task family."""
+    eos = tokenizer.eos_token_id
+    outputs = generate(model, [e.prompt_ids.tolist() for e in examples], max_new_tokens, eos_id=eos,
+                       pad_id=tokenizer.pad_token_id or 0, batch_size=batch_size)
+    hits, seen = collections.Counter(), collections.Counter()
+    for example, out in zip(examples, outputs):
+        hit = tokenizer.decode(out, skip_special_tokens=True).strip() == example.answer.strip()
+        for key in ["all"] + ([example.task] if example.task else []):
+            seen[key] += 1
+            hits[key] += hit
+    return {k: hits[k] / seen[k] for k in sorted(seen)}
+
+
+# ----------------------------------------------------------------------------------------
+# Stage `evaluate`: NTP reference vs SFTMix on the same held-out set
+# ----------------------------------------------------------------------------------------
+def run(run) -> dict:
+    from sftmix_jax import hf
+
+    c = run.config
+    held_out = run.data[1]
+    if not held_out:
+        raise ValueError("the evaluate stage needs held-out data: set config.data.eval_fraction > 0 or eval_source")
+    results = {}
+    for stage, label in (("reference", "NTP reference"), ("sftmix", "SFTMix")):
+        path = os.path.join(run.stage_dir(stage), "hf")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            logging.warning("evaluate: no %s model at %s, skipped", stage, path)
+            continue
+        model = hf.load_pretrained(path, dtype=c.model.dtype, param_dtype=c.model.param_dtype)
+        m = heldout_loss(model, held_out, c.evaluate.batch_size, c.data.buckets, run.pad_id)
+        if c.evaluate.exact_match:
+            m["exact_match"] = exact_match(model, run.tokenizer, held_out, c.evaluate.max_new_tokens,
+                                           c.evaluate.batch_size)
+        results[label] = m
+        logging.info("evaluate %s: %s", label, m)
+    summary = {"heldout_examples": len(held_out), "results": results, "config": json.loads(c.to_json_best_effort())}
+    if jax.process_index() == 0:
+        with open(os.path.join(run.workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        with open(os.path.join(run.workdir, "summary.md"), "w") as f:
+            f.write(summary_markdown(summary))
+    return {"results": results}
+
+
+def summary_markdown(summary) -> str:
+    results = summary["results"]
+    names = list(results)
+    rows = [("held-out loss", lambda m: m["loss"], "{:.4f}"), ("held-out perplexity", lambda m: m["perplexity"], "{:.3f}")]
+    tasks = sorted({t for m in results.values() for t in m.get("exact_match", {})}, key=lambda t: (t != "all", t))
+    rows += [(f"exact match: {t}", lambda m, t=t: m["exact_match"][t], "{:.3f}") for t in tasks]
+    lines = ["# NTP reference vs SFTMix", "",
+             f"Held-out set: {summary['heldout_examples']} examples. Lower loss / perplexity and higher exact match are better.", "",
+             "| metric | " + " | ".join(names) + (" | SFTMix - NTP |" if len(names) == 2 else ""),
+             "|---|" + "---|" * (len(names) + (len(names) == 2))]
+    for label, get, fmt in rows:
+        vals = [get(results[n]) for n in names]
+        cells = [fmt.format(v) for v in vals] + ([f"{vals[1] - vals[0]:+.4f}"] if len(vals) == 2 else [])
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    cfg = summary["config"]
+    lines += ["", "## Config", "", "```json", json.dumps(cfg, indent=2, sort_keys=True), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,298 @@
+"""Training: optimizer, jitted train step with a pluggable loss, loop, checkpoints, logging.
+
+The same loop runs the NTP reference stage and the SFTMix stage; only the loss and the batch
+sampler differ. State is (params, opt_state) as nnx.State pytrees; a batch is a pure function
+of the step and the dropout-free loss needs randomness only from fold_in(seed, step), so a run
+restored from a checkpoint at step s continues exactly as if it had never stopped.
+"""
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+from orbax.checkpoint import checkpoint_managers as ocm
+from tqdm.auto import tqdm
+
+from sftmix_jax import losses
+from sftmix_jax.evaluate import heldout_loss
+
+
+# ----------------------------------------------------------------------------------------
+# Optimizer
+# ----------------------------------------------------------------------------------------
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+    """AdamW, linear warmup + cosine decay, global-norm clipping; no decay on norms/biases."""
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+        end_value=cfg.lr * cfg.min_lr_ratio)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask),
+    ), schedule
+
+
+# ----------------------------------------------------------------------------------------
+# Losses plugged into the step: fn(model, batch, rng) -> (loss, aux)
+# ----------------------------------------------------------------------------------------
+def ntp_loss_fn(chunk=None):
+    def fn(model, batch, rng):
+        del rng
+        h_BLD = model.hidden(batch["input_ids"])  # right-padded: the causal mask suffices
+        return losses.ntp_loss(h_BLD, model.head, batch["targets"], batch["weights"], chunk)
+    return fn
+
+
+def sftmix_loss_fn(mu, alpha, per_pair, ntp=True, chunk=None):
+    def fn(model, batch, rng):
+        h_BLD = model.hidden(batch["input_ids"])
+        return losses.sftmix_loss(h_BLD, model.head, batch["targets"], batch["weights"], rng,
+                                  mu=mu, alpha=alpha, per_pair=per_pair, ntp=ntp, chunk=chunk)
+    return fn
+
+
+# ----------------------------------------------------------------------------------------
+# The jitted step
+# ----------------------------------------------------------------------------------------
+def split_micro(batch, accum: int, paired: bool):
+    """[B, ...] -> [accum, B/accum, ...]; paired micro-batches stay half confident, half unconfident."""
+    def split(x):
+        B, rest = x.shape[0], x.shape[1:]
+        if paired:  # rows [conf | unconf] -> micro i = [conf chunk i | unconf chunk i]
+            return x.reshape(2, accum, B // (2 * accum), *rest).swapaxes(0, 1).reshape(accum, B // accum, *rest)
+        return x.reshape(accum, B // accum, *rest)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef, tx, loss_fn, accum: int = 1, paired: bool = False):
+    """step(params, opt_state, batch, rng) -> (params, opt_state, metrics), jitted and donating."""
+
+    def loss_of(params, batch, rng):
+        return loss_fn(nnx.merge(graphdef, params), batch, rng)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+    def step(params, opt_state, batch, rng):
+        batch = {k: v for k, v in batch.items() if k != "index"}
+        if accum == 1:
+            (loss, aux), grads = grad_fn(params, batch, rng)
+        else:  # gradient accumulation: mean of the micro-batch gradients (scan keeps one live)
+            micro = split_micro(batch, accum, paired)
+
+            def body(acc, xs):
+                mb, i = xs
+                (loss, aux), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, acc, (g, loss, aux)), None
+
+            (loss_s, aux_s), g_s = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g_s, loss_s, aux_s))
+            (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+            grads, loss, aux = jax.tree.map(lambda x: x / accum, (grads, loss, aux))
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {**aux, "loss": loss, "grad_norm": optax.global_norm(grads),
+                   "real_tokens": jnp.sum(batch["attention_mask"])}
+        return params, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------
+def replay_steps(total_steps: int, num: int) -> list[int]:
+    """C checkpoint steps evenly spaced over the run, the last at the end."""
+    return sorted({max(1, int(round(total_steps * (c + 1) / num))) for c in range(num)})
+
+
+def checkpoint_manager(directory: str, keep_steps=(), keep_latest: int = 2) -> ocp.CheckpointManager:
+    policy = ocm.AnyPreservationPolicy([ocm.LatestN(keep_latest), ocm.CustomSteps(list(keep_steps))])
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                 item_names=("params", "opt_state", "meta"))
+
+
+def restore_params(directory: str, step: int, abstract_params):
+    """Parameters only (no optimizer state) of one checkpoint, e.g. for confidence replay."""
+    with ocp.CheckpointManager(os.path.abspath(directory), item_names=("params", "opt_state", "meta")) as mngr:
+        return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
+
+
+# ----------------------------------------------------------------------------------------
+# Logging
+# ----------------------------------------------------------------------------------------
+class MetricsLog:
+    """metrics.jsonl + TensorBoard; on resume, rows past the restored step are dropped."""
+
+    def __init__(self, stage_dir: str, start_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(stage_dir, "metrics.jsonl")
+        if not enabled:
+            return
+        if os.path.exists(self.path):
+            rows = [json.loads(line) for line in open(self.path) if line.strip()]
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step)
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(os.path.join(stage_dir, "tb"), purge_step=start_step + 1)
+
+    def write(self, step: int, metrics: dict):
+        if not self.enabled:
+            return
+        metrics = {k: float(v) for k, v in metrics.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        if self.enabled:
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------
+def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, seed, total_steps,
+          num_replay=0, paired=False, pad_id=0, buckets=(512,), desc="train", to_device=jnp.asarray):
+    """Train `model` in place for `total_steps`, resuming from stage_dir/checkpoints if present.
+
+    cfg: config.train (lr, schedule, batch, accumulation, intervals). Returns the model with the
+    final parameters. Saves at every cfg.save_every steps, at the C replay steps and at the end.
+    """
+    graphdef, params = nnx.split(model)
+    tx, schedule = make_optimizer(cfg, total_steps)
+    opt_state = tx.init(params)
+    keep = replay_steps(total_steps, num_replay) if num_replay else [total_steps]
+    mngr = checkpoint_manager(os.path.join(stage_dir, "checkpoints"), keep_steps=keep, keep_latest=cfg.keep_latest)
+    start = mngr.latest_step() or 0
+    if start:
+        logging.info("%s: resuming from step %d", desc, start)
+        restored = mngr.restore(start, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(params), opt_state=ocp.args.StandardRestore(opt_state)))
+        params, opt_state = restored["params"], restored["opt_state"]
+    step_fn = make_train_step(graphdef, tx, loss_fn, cfg.grad_accum, paired)
+    log = MetricsLog(stage_dir, start, enabled=jax.process_index() == 0)
+    base_rng = jax.random.key(seed)
+
+    def save(step):
+        mngr.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave({"step": step, "epoch": step / batches.steps_per_epoch})), force=True)
+
+    def evaluate(step):
+        ev = heldout_loss(nnx.merge(graphdef, params), eval_examples, cfg.eval_batch_size, buckets, pad_id)
+        log.write(step, {f"eval_{k}": v for k, v in ev.items()})
+        return ev
+
+    bar = tqdm(total=total_steps, initial=start, desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0,
+               mininterval=0.2 if sys.stderr.isatty() else 15)  # log files get a line per 15 s
+    clock = [time.perf_counter()]
+
+    def flush(pending):
+        """Pull one step's metrics to the host: check, log, advance the bar."""
+        step, metrics, rows = pending
+        metrics = jax.device_get(metrics)
+        if not np.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {step}; "
+                                     f"example rows of the batch: {rows[rows >= 0][:16].tolist()}")
+        now = time.perf_counter()
+        metrics["tokens_per_s"] = metrics.pop("real_tokens") / max(now - clock[0], 1e-9)
+        clock[0] = now
+        if step % cfg.log_every == 0 or step in (1, total_steps):
+            log.write(step, metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+
+    pending = None
+    for step in range(start, total_steps):
+        batch = batches.batch(step)
+        params, opt_state, metrics = step_fn(params, opt_state, {k: to_device(v) for k, v in batch.items()},
+                                             jax.random.fold_in(base_rng, step))
+        if pending is not None:  # the previous step's metrics, pulled while this step runs
+            flush(pending)
+        pending = (step + 1, metrics, batch["index"])
+        done = step + 1
+        must_save = done % cfg.save_every == 0 or done in keep or done == total_steps
+        must_eval = bool(eval_examples) and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps)
+        if must_save or must_eval:
+            flush(pending)
+            pending = None
+            if must_save:
+                save(done)
+            if must_eval:
+                bar.set_postfix_str(f"eval_loss={evaluate(done)['loss']:.4f}", refresh=False)
+            clock[0] = time.perf_counter()  # saving and evals do not count against tokens/s
+    if pending is not None:
+        flush(pending)
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    log.close()
+    return nnx.merge(graphdef, params)
+
+
+# ----------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------
+def total_steps(cfg, steps_per_epoch: int) -> int:
+    return cfg.steps if cfg.steps > 0 else max(1, int(round(cfg.epochs * steps_per_epoch)))
+
+
+def _finish(run, stage, model, held_out) -> dict:
+    """Export the final model in HF format and return the stage's summary."""
+    from sftmix_jax import hf
+
+    c = run.config
+    if jax.process_index() == 0:
+        hf.save_pretrained(model, os.path.join(run.stage_dir(stage), "hf"), tokenizer=run.tokenizer)
+    ev = heldout_loss(model, held_out, c.train.eval_batch_size, c.data.buckets, run.pad_id) if held_out else {}
+    logging.info("%s: final held-out %s", stage, ev)
+    return {"heldout": ev}
+
+
+def run_reference(run) -> dict:
+    """Stage 1: plain NTP on the SFT set, keeping C checkpoints for the confidence replay."""
+    from sftmix_jax import confidence, hf
+    from sftmix_jax.data import TrainBatches
+
+    c = run.config
+    train_ex, held_out, _ = run.data
+    model_cfg = confidence.reference_model_config(c)
+    model = hf.load_model(model_cfg, seed=c.seed)
+    batches = TrainBatches(train_ex, c.train.batch_size, c.seed, c.data.buckets,
+                           jax.process_index(), jax.process_count(), pad_id=run.pad_id)
+    steps = total_steps(c.train, batches.steps_per_epoch)
+    model = train(run.stage_dir("reference"), model, batches, held_out, ntp_loss_fn(c.train.ce_chunk or None),
+                  c.train, seed=c.seed, total_steps=steps, num_replay=c.reference.checkpoints,
+                  pad_id=run.pad_id, buckets=c.data.buckets, desc="reference")
+    return {**_finish(run, "reference", model, held_out), "steps": steps,
+            "replay_steps": replay_steps(steps, c.reference.checkpoints)}
+
+
+def run_sftmix(run) -> dict:
+    """Stage 3: NTP + mu * Mixup on confident/unconfident pairs, from the same initial model."""
+    from sftmix_jax import confidence, hf
+    from sftmix_jax.data import PairedBatches
+
+    c = run.config
+    train_ex, held_out, _ = run.data
+    confident, unconfident = confidence.load_split(run.stage_dir("confidence"), train_ex, c.confidence.split, c.seed)
+    model = hf.load_model(c.model, seed=c.seed)
+    batches = PairedBatches(train_ex, confident, unconfident, c.train.batch_size, c.seed, c.data.buckets,
+                            jax.process_index(), jax.process_count(), pad_id=run.pad_id)
+    steps = total_steps(c.train, batches.steps_per_epoch)
+    s = c.sftmix
+    loss_fn = sftmix_loss_fn(s.mu, s.alpha, s.per_pair, s.ntp, c.train.ce_chunk or None)
+    model = train(run.stage_dir("sftmix"), model, batches, held_out, loss_fn, c.train, seed=c.seed,
+                  total_steps=steps, paired=True, pad_id=run.pad_id, buckets=c.data.buckets, desc="sftmix")
+    return {**_finish(run, "sftmix", model, held_out), "steps": steps}
