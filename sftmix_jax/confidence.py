@@ -125,11 +125,12 @@ def data_map(conf, var, split, path, steps):
     import matplotlib.pyplot as plt
 
     fig, (ax, hist) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    bins = np.linspace(conf.min(), conf.max(), 50)
     for name, color in (("confident", "tab:blue"), ("unconfident", "tab:orange"), ("dropped", "gray")):
         m = split == name
         if m.any():
             ax.scatter(var[m], conf[m], s=6, alpha=0.5, color=color, label=f"{name} ({m.sum()})")
-            hist.hist(conf[m], bins=40, color=color, alpha=0.7, label=name)
+            hist.hist(conf[m], bins=bins, color=color, alpha=0.7, label=name)
     ax.set(xlabel="variability (std of perplexity over checkpoints)", ylabel="confidence (-mean perplexity)",
            title=f"Data map: {len(conf)} examples, checkpoints {steps}")
     ax.legend(markerscale=3)

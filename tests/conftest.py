@@ -20,3 +20,37 @@ def smollm2_dir():
         pytest.skip(f"no SmolLM2 checkpoint at {path}: run `python ../shared/tools/smollm2_hf.py {path}` "
                     "or set SMOLLM2_DIR")
     return path
+
+
+# ----------------------------------------------------------------------------------------
+# One shrunken run of the whole pipeline, shared by the pipeline and confidence tests
+# ----------------------------------------------------------------------------------------
+import importlib.util  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Small enough for CI, large enough that every stage does real work.
+OVERRIDES = dict(train_steps=24, batch=16, num_train=160, num_eval=32)
+
+
+def tiny_config(**kw):
+    spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "tiny.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.train.steps, c.train.batch_size = OVERRIDES["train_steps"], OVERRIDES["batch"]
+    c.train.eval_every, c.train.save_every, c.train.log_every = 12, 8, 4
+    c.data.synthetic.num_train, c.data.synthetic.num_eval = OVERRIDES["num_train"], OVERRIDES["num_eval"]
+    c.evaluate.max_new_tokens = 8
+    c.update_from_flattened_dict(kw)
+    return c
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("pipeline"))
+    from sftmix_jax import main
+
+    main.run_stages(tiny_config(), d)
+    return d
+
+

@@ -1,0 +1,93 @@
+"""The whole pipeline on a shrunken configs/tiny.py: layout, skipping, resume after SIGKILL."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from sftmix_jax import main
+
+from conftest import OVERRIDES, ROOT, tiny_config  # noqa: E402
+
+
+def test_workdir_layout(workdir):
+    steps = json.load(open(os.path.join(workdir, "reference", "done.json")))["replay_steps"]
+    assert steps == [8, 16, 24]
+    expected = ["config.json", "confidence/scores.jsonl", "confidence/data_map.png", "summary.json", "summary.md"]
+    expected += [f"reference/checkpoints/{s}/params" for s in steps] + ["sftmix/checkpoints/24/params"]
+    for stage in ("reference", "sftmix"):
+        expected += [f"{stage}/hf/config.json", f"{stage}/hf/model.safetensors", f"{stage}/metrics.jsonl", f"{stage}/tb"]
+    missing = [p for p in expected if not os.path.exists(os.path.join(workdir, p))]
+    assert not missing
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "confidence", "scores.jsonl"))]
+    assert len(rows) == OVERRIDES["num_train"]
+    assert set(rows[0]) == {"id", "perplexity", "confidence", "variability", "split"}
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert set(summary["results"]) == {"NTP reference", "SFTMix"}
+    assert "exact_match" in summary["results"]["SFTMix"]
+    md = open(os.path.join(workdir, "summary.md")).read()
+    assert "| held-out loss |" in md and "NTP reference" in md and "SFTMix" in md
+
+
+def test_reference_loss_falls(workdir):
+    evals = [json.loads(line) for line in open(os.path.join(workdir, "reference", "metrics.jsonl"))]
+    evals = [r["eval_loss"] for r in evals if "eval_loss" in r]
+    assert len(evals) == 2 and evals[-1] < evals[0]
+
+
+def test_finished_stages_are_skipped(workdir):
+    stamps = {s: os.path.getmtime(os.path.join(workdir, s, "done.json")) for s in main.STAGES}
+    t = time.time()
+    main.run_stages(tiny_config(), workdir)
+    assert time.time() - t < 30
+    assert stamps == {s: os.path.getmtime(os.path.join(workdir, s, "done.json")) for s in main.STAGES}
+
+
+def test_workdir_with_other_config_is_refused(workdir):
+    with pytest.raises(SystemExit, match=r"different config.*train\.lr"):
+        main.run_stages(tiny_config(**{"train.lr": 1e-4}), workdir)
+
+
+def test_unknown_stage_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown stage.*'refrence'"):
+        main.run_stages(tiny_config(stages="refrence,sftmix"), str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------
+# SIGKILL mid-training, rerun, same final parameters
+# ----------------------------------------------------------------------------------------
+def cli(workdir, steps=40):
+    return [sys.executable, "-m", "sftmix_jax.main", "--config", os.path.join(ROOT, "configs", "tiny.py"),
+            "--workdir", workdir, "--config.stages=reference", f"--config.train.steps={steps}",
+            "--config.train.save_every=10", "--config.train.eval_every=0", "--config.train.batch_size=16",
+            "--config.data.synthetic.num_train=160", "--config.data.synthetic.num_eval=16"]
+
+
+def test_sigkill_and_resume_gives_the_same_parameters(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user's run
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    proc = subprocess.Popen(cli(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first_ckpt = os.path.join(killed, "reference", "checkpoints", "20", "params")
+    deadline = time.time() + 240
+    while not os.path.exists(first_ckpt) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(killed, "reference", "done.json"))
+    resumed = subprocess.run(cli(killed), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from step" in resumed.stderr
+    subprocess.run(cli(straight), env=env, check=True, capture_output=True)
+    a = load_file(os.path.join(straight, "reference", "hf", "model.safetensors"))
+    b = load_file(os.path.join(killed, "reference", "hf", "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
+    # metrics.jsonl has no duplicated steps after the resume
+    steps = [json.loads(line)["step"] for line in open(os.path.join(killed, "reference", "metrics.jsonl"))]
+    assert len(steps) == len(set(steps)) and steps == sorted(steps)

@@ -1,0 +1,89 @@
+"""Train step pieces: schedule, decay mask, gradient accumulation, Mixup gradients."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from sftmix_jax import train
+from sftmix_jax.model import ModelConfig, init_model
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=8)
+OPT = ml_collections.ConfigDict(dict(lr=1e-2, min_lr_ratio=0.1, warmup_ratio=0.1, weight_decay=0.1,
+                                     grad_clip=1.0, b1=0.9, b2=0.95, eps=1e-8))
+
+
+def make_batch(B=8, L=12, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 64, (B, L)).astype(np.int32)
+    weights = np.zeros((B, L), np.float32)
+    for b in range(B):
+        start, end = rng.integers(2, 6), rng.integers(7, L)
+        weights[b, start:end] = 1
+    targets = np.concatenate([ids[:, 1:], np.zeros((B, 1), np.int32)], 1)
+    return {"input_ids": ids, "targets": targets, "weights": weights, "attention_mask": np.ones_like(ids),
+            "index": np.arange(B, dtype=np.int32)}
+
+
+def test_schedule_warms_up_then_decays():
+    _, schedule = train.make_optimizer(OPT, 100)
+    assert float(schedule(0)) == 0.0
+    assert abs(float(schedule(10)) - 1e-2) < 1e-9
+    assert abs(float(schedule(100)) - 1e-3) < 1e-9
+    assert float(schedule(50)) < float(schedule(20))
+
+
+def test_norms_and_biases_are_not_decayed():
+    model = init_model(CFG)
+    _, params = nnx.split(model)
+    tx, _ = train.make_optimizer(OPT.copy_and_resolve_references(), 10)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    opt_state = tx.init(params)
+    for _ in range(3):  # past step 0, where the warmup learning rate is 0
+        updates, opt_state = tx.update(zero_grads, opt_state, params)
+    flat = dict(nnx.to_flat_state(updates))
+    assert np.all(np.asarray(flat[("norm", "scale")].get_value()) == 0)  # no decay on the norm
+    assert np.any(np.asarray(flat[("layers", 0, "mlp", "up", "kernel")].get_value()) != 0)  # decayed
+
+
+def test_replay_steps_are_evenly_spaced_and_end_at_the_end():
+    assert train.replay_steps(100, 3) == [33, 67, 100]
+    assert train.replay_steps(10, 5) == [2, 4, 6, 8, 10]
+
+
+def test_gradient_accumulation_is_the_mean_of_micro_batch_gradients():
+    model = init_model(CFG)
+    graphdef, params = nnx.split(model)
+    batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
+    loss_fn = train.ntp_loss_fn()
+    tx = optax.sgd(1.0)  # the update is -grad: compares gradients directly
+    step2 = train.make_train_step(graphdef, tx, loss_fn, accum=2)
+    copy = jax.tree.map(jnp.array, params)
+    new2, _, m2 = step2(copy, tx.init(copy), batch, jax.random.key(0))
+
+    def grad_of(rows):
+        sub = {k: v[rows] for k, v in batch.items() if k != "index"}
+        return jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p), sub, None)[0])(params)
+    mean_grad = jax.tree.map(lambda a, b: (a + b) / 2, grad_of(slice(0, 4)), grad_of(slice(4, 8)))
+    expected = jax.tree.map(lambda p, g: p - g, params, mean_grad)
+    for a, b in zip(jax.tree.leaves(new2), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_paired_micro_batches_keep_pairs():
+    batch = {"index": jnp.arange(8)}  # rows 0-3 confident, 4-7 unconfident; pair k = (k, k+4)
+    micro = train.split_micro(batch, 2, paired=True)["index"]
+    assert micro.tolist() == [[0, 1, 4, 5], [2, 3, 6, 7]]
+
+
+def test_mixup_gradients_reach_the_transformer_layers():
+    model = init_model(CFG)
+    graphdef, params = nnx.split(model)
+    batch = {k: jnp.asarray(v) for k, v in make_batch().items() if k != "index"}
+    mixup_only = train.sftmix_loss_fn(mu=1.0, alpha=0.5, per_pair=False, ntp=False)
+    grads = jax.grad(lambda p: mixup_only(nnx.merge(graphdef, p), batch, jax.random.key(1))[0])(params)
+    flat = dict(nnx.to_flat_state(grads))
+    for path in [("layers", 0, "attn", "q", "kernel"), ("layers", 1, "mlp", "down", "kernel"), ("embed",)]:
+        assert float(jnp.abs(flat[path].get_value()).max()) > 0, path
