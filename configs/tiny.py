@@ -46,5 +46,8 @@ def get_config(arg=None):
 
     c.confidence = ml_collections.ConfigDict(dict(batch_size=64, split="confidence"))  # or 'random'
     c.sftmix = ml_collections.ConfigDict(dict(mu=0.2, alpha=0.5, per_pair=False, ntp=True))
+    # Device mesh: -1 takes the devices left over. FSDP shards parameters and optimizer state
+    # over `fsdp`; tensor parallelism shards heads, MLP and vocabulary over `tensor`.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
     c.evaluate = ml_collections.ConfigDict(dict(max_new_tokens=16, exact_match=True, batch_size=64))
     return c

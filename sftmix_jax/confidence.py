@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from sftmix_jax import hf
+from sftmix_jax import hf, sharding
 from sftmix_jax.evaluate import example_nll
 from sftmix_jax.model import abstract_model
 
@@ -30,11 +30,16 @@ def reference_model_config(c):
     return m
 
 
-def replay(ckpt_dir, steps, examples, model_cfg, batch_size, buckets, pad_id, cache_dir) -> np.ndarray:
-    """Perplexity [C, n] of every example under each checkpoint, cached per checkpoint."""
+def replay(ckpt_dir, steps, examples, model_cfg, batch_size, buckets, pad_id, cache_dir, mesh=None) -> np.ndarray:
+    """Perplexity [C, n] of every example under each checkpoint, cached per checkpoint.
+
+    Parameters only are restored, sharded for `mesh` (which may differ from the training mesh).
+    """
     from sftmix_jax.train import restore_params
 
     graphdef, abstract = nnx.split(abstract_model(hf.model_config(model_cfg)))
+    if mesh is not None:
+        abstract = sharding.with_shardings(abstract, sharding.state_shardings(abstract, mesh))
     perps = []
     for step in steps:
         cache = os.path.join(cache_dir, f"perplexity_step{step}.npy")
@@ -43,7 +48,7 @@ def replay(ckpt_dir, steps, examples, model_cfg, batch_size, buckets, pad_id, ca
             perps.append(np.load(cache))
             continue
         params = restore_params(ckpt_dir, step, abstract)
-        nll, count = example_nll(nnx.merge(graphdef, params), examples, batch_size, buckets, pad_id,
+        nll, count = example_nll(nnx.merge(graphdef, params), examples, batch_size, buckets, pad_id, mesh,
                                  desc=f"replay step {step}")
         if (count == 0).any():
             raise ValueError(f"examples without response tokens: {[examples[i].id for i in np.flatnonzero(count == 0)[:5]]}")
@@ -73,7 +78,7 @@ def run(run) -> dict:
                          "set config.reference.checkpoints >= 2")
     train_ex = run.data[0]
     perp_CN = replay(os.path.join(run.stage_dir("reference"), "checkpoints"), steps, train_ex,
-                     reference_model_config(c), c.confidence.batch_size, c.data.buckets, run.pad_id, out)
+                     reference_model_config(c), c.confidence.batch_size, c.data.buckets, run.pad_id, out, run.mesh)
     conf_N, var_N = -perp_CN.mean(0), perp_CN.std(0)
     confident, unconfident, dropped = median_split(conf_N)
     split = np.full(len(train_ex), "", object)

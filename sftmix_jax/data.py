@@ -423,19 +423,19 @@ class TrainBatches(_Batches):
 
 
 class PairedBatches(_Batches):
-    """SFTMix batches: B/2 confident rows then B/2 unconfident rows; pair k = (k, k + B/2).
+    """SFTMix batches of B/2 pairs: row 2k confident, row 2k+1 unconfident.
 
-    Each half is permuted per (seed, epoch) independently; with several processes every
-    host holds its slice of each half, so pairs stay (k, k + B_local/2) on every host.
+    Each half is permuted per (seed, epoch) independently and the k-th draws are paired.
+    Adjacent pairs survive any contiguous split: hosts, devices and micro-batches get whole pairs.
     """
 
     def __init__(self, examples: Sequence[Example], confident: Sequence[int],
                  unconfident: Sequence[int], batch_size: int, seed: int,
                  buckets: Sequence[int], process_index: int = 0, process_count: int = 1,
                  *, pad_id: int = 0):
-        if batch_size % 2 or (batch_size // 2) % process_count:
-            raise ValueError(f"batch_size={batch_size} must be even, and batch_size/2 a "
-                             f"multiple of process_count={process_count}")
+        if batch_size % (2 * process_count):
+            raise ValueError(f"batch_size={batch_size} must be even (confident/unconfident pairs), "
+                             f"with an even number of rows on each of {process_count} processes")
         super().__init__(examples, batch_size, seed, buckets, process_index, process_count, pad_id)
         self.halves = [np.asarray(confident, np.int64), np.asarray(unconfident, np.int64)]
         for h in self.halves:
@@ -456,7 +456,7 @@ class PairedBatches(_Batches):
         for which, h in enumerate(self.halves):
             order = np.random.default_rng([self.seed, epoch, which]).permutation(len(h))
             parts.append(h[order[i * half: (i + 1) * half]])
-        return self._emit(parts)
+        return self._emit([np.stack(parts, 1).reshape(-1)])  # c0 u0 c1 u1 ...
 
 
 def eval_batches(examples: Sequence[Example], batch_size: int, buckets: Sequence[int],

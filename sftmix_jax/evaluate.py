@@ -11,41 +11,54 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
 from tqdm.auto import tqdm
 
-from sftmix_jax import losses
+from sftmix_jax import losses, sharding
 from sftmix_jax.data import eval_batches
 from sftmix_jax.generate import generate
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _example_nll(graphdef, state, input_ids_BL, targets_BL, weights_BL):
+def _example_nll(graphdef, state, batch):
+    """Forward only: per-row summed response NLL and token count, replicated to every host."""
     model = nnx.merge(graphdef, state)
-    logits_BLV = model.head(model.hidden(input_ids_BL))
-    nll_BL = losses.cross_entropy(logits_BLV, targets_BL)
+    logits_BLV = model.head(model.hidden(batch["input_ids"]))
+    nll_BL = losses.cross_entropy(logits_BLV, batch["targets"])
     # where(), not a product: padding rows must not turn a NaN into the sum
-    return jnp.sum(jnp.where(weights_BL > 0, nll_BL, 0.0), -1), jnp.sum(weights_BL, -1)
+    nll_B = jnp.sum(jnp.where(batch["weights"] > 0, nll_BL, 0.0), -1)
+    return sharding.constrain(nll_B, (None,)), sharding.constrain(jnp.sum(batch["weights"], -1), (None,))
 
 
-def example_nll(model, examples, batch_size, buckets, pad_id=0, desc=None):
-    """Per-example (summed response NLL [n], response token count [n]), in examples' order."""
+def example_nll(model, examples, batch_size, buckets, pad_id=0, mesh=None, desc=None):
+    """Per-example (summed response NLL [n], response token count [n]), in examples' order.
+
+    Batches are sorted by length (few pad tokens) and, on a mesh, split over its batch axes.
+    """
     graphdef, state = nnx.split(model)
     nll, count = np.zeros(len(examples)), np.zeros(len(examples))
     total = -(-len(examples) // batch_size)
     for batch in tqdm(eval_batches(examples, batch_size, buckets, pad_id=pad_id), total=total, desc=desc,
                       disable=desc is None or jax.process_index() != 0, leave=False):
-        s, c = _example_nll(graphdef, state, batch["input_ids"], batch["targets"], batch["weights"])
+        index = batch.pop("index")
+        batch = {k: batch[k] for k in ("input_ids", "targets", "weights")}
+        if mesh is not None:
+            with jax.set_mesh(mesh):
+                s, c = _example_nll(graphdef, state, sharding.global_batch(sharding.host_rows(batch), mesh))
+        else:
+            s, c = _example_nll(graphdef, state, batch)
+        batch["index"] = index
         rows = batch["index"] >= 0
         nll[batch["index"][rows]], count[batch["index"][rows]] = np.asarray(s)[rows], np.asarray(c)[rows]
     return nll, count
 
 
-def heldout_loss(model, examples, batch_size, buckets, pad_id=0) -> dict:
+def heldout_loss(model, examples, batch_size, buckets, pad_id=0, mesh=None) -> dict:
     """Token-mean response NLL over the held-out set, and its perplexity."""
-    nll, count = example_nll(model, examples, batch_size, buckets, pad_id)
+    nll, count = example_nll(model, examples, batch_size, buckets, pad_id, mesh)
     loss = float(nll.sum() / max(count.sum(), 1))
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(count.sum())}
 
@@ -80,8 +93,9 @@ def run(run) -> dict:
         if not os.path.exists(os.path.join(path, "config.json")):
             logging.warning("evaluate: no %s model at %s, skipped", stage, path)
             continue
-        model = hf.load_pretrained(path, dtype=c.model.dtype, param_dtype=c.model.param_dtype)
-        m = heldout_loss(model, held_out, c.evaluate.batch_size, c.data.buckets, run.pad_id)
+        model = hf.load_model(ml_collections.ConfigDict(dict(source=path, dtype=c.model.dtype, param_dtype=c.model.param_dtype,
+                                                             remat="none")), mesh=run.mesh)
+        m = heldout_loss(model, held_out, c.evaluate.batch_size, c.data.buckets, run.pad_id, run.mesh)
         if c.evaluate.exact_match:
             m["exact_match"] = exact_match(model, run.tokenizer, held_out, c.evaluate.max_new_tokens,
                                            c.evaluate.batch_size)

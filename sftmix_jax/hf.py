@@ -202,7 +202,10 @@ def load_pretrained(path: str, dtype="float32", param_dtype="float32", remat="no
             raise ValueError(f"tensor {name!r} has shape {w.shape}; config.json implies {expected}")
         w = to_ours(w, want).astype(jnp.dtype(param_dtype), copy=False)
         sharding = shardings(key, var) if shardings else None
-        var.set_value(jax.device_put(w, sharding) if sharding is not None else jnp.asarray(w))
+        if sharding is None:
+            var.set_value(jnp.asarray(w))
+        else:  # each device (on any host) takes its own block of the tensor
+            var.set_value(jax.make_array_from_callback(w.shape, sharding, lambda idx, w=w: w[idx]))
         used.add(name)
         del w
     unused = sorted(n for n in files if n not in used and not _IGNORED.match(n))
@@ -259,13 +262,26 @@ def model_config(cfg) -> ModelConfig:
         return config_from_hf(json.load(f), **kw)
 
 
-def load_model(cfg, seed: int = 0) -> CausalLM:
-    """config.model: `source` = 'init' (random init from cfg.init) or an HF directory / hub id."""
+def load_model(cfg, seed: int = 0, mesh=None) -> CausalLM:
+    """config.model: `source` = 'init' (random init from cfg.init) or an HF directory / hub id.
+
+    With a mesh, parameters are created (or loaded) directly sharded by their logical names.
+    """
+    from sftmix_jax import sharding
+
     if cfg.source == "init":
         from sftmix_jax.model import init_model
 
-        return init_model(model_config(cfg), seed)
-    return load_pretrained(cfg.source, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
+        mc = model_config(cfg)
+        if mesh is None:
+            return init_model(mc, seed)
+        graphdef, abstract = nnx.split(abstract_model(mc))
+        state = jax.jit(lambda: nnx.split(init_model(mc, seed))[1],
+                        out_shardings=sharding.state_shardings(abstract, mesh))()
+        return nnx.merge(graphdef, state)
+    place = None if mesh is None else (
+        lambda key, var: sharding.named_sharding(mesh, var.get_metadata().get("out_sharding") or ()))
+    return load_pretrained(cfg.source, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, shardings=place)
 
 
 def load_tokenizer(source: str):

@@ -2,8 +2,9 @@
 
 Shape suffixes: B batch rows, L sequence, D hidden, V vocab, K = B/2 pairs, N aligned slots.
 Batch contract: targets_BL[b, t] is the token position t predicts; weights_BL is 1.0 exactly on
-response targets (prompts/padding 0). Rows [0, K) are confident, [K, B) unconfident, and
-pair k = (row k, row k + K). See /work/shared/SFTMIX.md, "Stage 3".
+response targets (prompts/padding 0). Pairs are adjacent rows: pair k = (row 2k confident,
+row 2k+1 unconfident), so any contiguous split of the batch (hosts, devices, micro-batches)
+keeps pairs whole. See /work/shared/SFTMIX.md, "Stage 3".
 """
 from __future__ import annotations
 
@@ -100,16 +101,16 @@ def mixup_loss(h_BLD, head: Head, targets_BL, weights_BL, lam_K,
     lam_K = jnp.broadcast_to(jnp.asarray(lam_K, jnp.float32), (K,))
     h_BND, y_BN, count_B = align_responses(h_BLD, targets_BL, weights_BL, max_tokens)
     N = h_BND.shape[1]
-    M_K = jnp.minimum(count_B[:K], count_B[K:])
+    M_K = jnp.minimum(count_B[0::2], count_B[1::2])
     valid_KN = (jnp.arange(N)[None, :] < M_K[:, None]).astype(jnp.float32)
     lam_K11 = lam_K[:, None, None]
     # Mix in float32, then back to the model's activation dtype so the head sees what it expects.
-    z_KND = (lam_K11 * h_BND[:K].astype(jnp.float32)
-             + (1.0 - lam_K11) * h_BND[K:].astype(jnp.float32)).astype(h_BLD.dtype)
+    z_KND = (lam_K11 * h_BND[0::2].astype(jnp.float32)
+             + (1.0 - lam_K11) * h_BND[1::2].astype(jnp.float32)).astype(h_BLD.dtype)
     # Soft-label CE is linear in the label: lam*CE(y_c) + (1-lam)*CE(y_u), masked to n < M_k.
     w_c_KN = lam_K[:, None] * valid_KN
     w_u_KN = (1.0 - lam_K[:, None]) * valid_KN
-    total = _chunked_ce_sum(z_KND, head, [y_BN[:K], y_BN[K:]], [w_c_KN, w_u_KN], chunk)
+    total = _chunked_ce_sum(z_KND, head, [y_BN[0::2], y_BN[1::2]], [w_c_KN, w_u_KN], chunk)
     count = jnp.sum(M_K).astype(jnp.float32)
     loss = total / jnp.maximum(count, 1.0)
     return loss, {"mixup_loss": loss, "mixup_tokens": count}

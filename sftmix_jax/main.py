@@ -32,6 +32,12 @@ class Run:
         return os.path.join(self.workdir, stage)
 
     @functools.cached_property
+    def mesh(self):
+        from sftmix_jax import sharding
+
+        return sharding.make_mesh(self.config.mesh)
+
+    @functools.cached_property
     def tokenizer(self):
         from sftmix_jax import hf
 
@@ -100,6 +106,9 @@ def run_stages(config, workdir: str) -> None:
 
     from sftmix_jax import confidence, evaluate, train
 
+    from sftmix_jax import sharding
+
+    sharding.init_distributed()
     stages = parse_stages(config.stages)
     resolved = json.loads(config.to_json_best_effort())
     if jax.process_index() == 0:

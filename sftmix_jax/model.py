@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sftmix_jax.sharding import constrain
+from flax.core import spmd as flax_spmd
+
+from sftmix_jax.sharding import RULES, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,4 +266,6 @@ def init_model(cfg: ModelConfig, seed: int = 0) -> CausalLM:
 
 def abstract_model(cfg: ModelConfig) -> CausalLM:
     """The model with ShapeDtypeStructs instead of arrays: no memory, for loading weights."""
-    return nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0)))
+    # Under a mesh, eval_shape resolves logical names through flax's rule context: give it ours.
+    with flax_spmd.logical_axis_rules(RULES):
+        return nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0)))

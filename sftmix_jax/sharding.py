@@ -4,8 +4,13 @@ Parameters and activations carry logical names (model.py); this table maps them 
 mesh axes `data`, `fsdp` and `tensor`. A name missing from the mesh is replicated, so the
 same model code runs on one CPU and on a pod.
 """
+import os
+
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -56,3 +61,85 @@ def constrain(x, names):
 
 def named_sharding(mesh, names) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(names, mesh.axis_names))
+
+
+# ----------------------------------------------------------------------------------------
+# Mesh
+# ----------------------------------------------------------------------------------------
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple:
+    """(data, fsdp, tensor) with one -1 inferred; the product must be the device count."""
+    shape = [data, fsdp, tensor]
+    if shape.count(-1) > 1:
+        raise ValueError(f"config.mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = abs(int(np.prod([s for s in shape if s != -1])))
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"config.mesh: {num_devices} devices cannot be split into data={data} fsdp={fsdp} tensor={tensor}")
+        shape[shape.index(-1)] = num_devices // known
+    if int(np.prod(shape)) != num_devices:
+        raise ValueError(f"config.mesh: data*fsdp*tensor = {'*'.join(map(str, shape))} = {int(np.prod(shape))} "
+                         f"but there are {num_devices} devices; set one axis to -1 to infer it")
+    return tuple(shape)
+
+
+def make_mesh(cfg, devices=None) -> Mesh:
+    """Mesh over axes (data, fsdp, tensor) from config.mesh; `dcn_data` > 1 splits `data` across slices."""
+    devices = devices if devices is not None else jax.devices()
+    shape = mesh_shape(cfg.data, cfg.fsdp, cfg.tensor, len(devices))
+    dcn = cfg.get("dcn_data", 1)
+    if dcn > 1:  # multi-slice: data parallelism over the slow network, the rest inside a slice
+        if shape[0] % dcn:
+            raise ValueError(f"config.mesh.dcn_data={dcn} must divide the data axis ({shape[0]})")
+        arr = mesh_utils.create_hybrid_device_mesh((shape[0] // dcn, *shape[1:]), (dcn, 1, 1), devices)
+    else:
+        arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(arr, MESH_AXES)
+
+
+def init_distributed() -> None:
+    """jax.distributed.initialize() on multi-host runs: TPU pods, SLURM, or JAX_* env vars."""
+    env = os.environ
+    multi = ("JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
+             or "TPU_WORKER_HOSTNAMES" in env and "," in env["TPU_WORKER_HOSTNAMES"])
+    if multi and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+# ----------------------------------------------------------------------------------------
+# Parameters, batches
+# ----------------------------------------------------------------------------------------
+def state_shardings(state, mesh):
+    """NamedShardings (same tree as `state`) from each Variable's logical `out_sharding` names."""
+    return jax.tree.map(
+        lambda v: v.replace(named_sharding(mesh, v.get_metadata().get("out_sharding") or ())),
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def with_shardings(abstract, shardings):
+    """ShapeDtypeStructs carrying shardings: a restore target for Orbax."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    """Batches split over data x fsdp along rows, whole along the sequence."""
+    return named_sharding(mesh, ("act_batch",))
+
+
+def global_batch(local: dict, mesh) -> dict:
+    """This host's rows -> global arrays sharded over the batch axes (multi-host safe)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def host_rows(batch: dict) -> dict:
+    """This process's contiguous rows of a batch that every process built whole (eval, replay)."""
+    n, p = jax.process_count(), jax.process_index()
+    return {k: np.array_split(v, n)[p] for k, v in batch.items()} if n > 1 else batch
+
+
+def batch_divisor(mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]

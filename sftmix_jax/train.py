@@ -20,7 +20,7 @@ from flax import nnx
 from orbax.checkpoint import checkpoint_managers as ocm
 from tqdm.auto import tqdm
 
-from sftmix_jax import losses
+from sftmix_jax import losses, sharding
 from sftmix_jax.evaluate import heldout_loss
 
 
@@ -62,18 +62,16 @@ def sftmix_loss_fn(mu, alpha, per_pair, ntp=True, chunk=None):
 # ----------------------------------------------------------------------------------------
 # The jitted step
 # ----------------------------------------------------------------------------------------
-def split_micro(batch, accum: int, paired: bool):
-    """[B, ...] -> [accum, B/accum, ...]; paired micro-batches stay half confident, half unconfident."""
-    def split(x):
-        B, rest = x.shape[0], x.shape[1:]
-        if paired:  # rows [conf | unconf] -> micro i = [conf chunk i | unconf chunk i]
-            return x.reshape(2, accum, B // (2 * accum), *rest).swapaxes(0, 1).reshape(accum, B // accum, *rest)
-        return x.reshape(accum, B // accum, *rest)
-    return jax.tree.map(split, batch)
+def split_micro(batch, accum: int):
+    """[B, ...] -> [accum, B/accum, ...]: contiguous chunks (SFTMix pairs are adjacent rows)."""
+    return jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
 
-def make_train_step(graphdef, tx, loss_fn, accum: int = 1, paired: bool = False):
-    """step(params, opt_state, batch, rng) -> (params, opt_state, metrics), jitted and donating."""
+def make_train_step(graphdef, tx, loss_fn, accum: int = 1, shardings=None):
+    """step(params, opt_state, batch, rng) -> (params, opt_state, metrics), jitted and donating.
+
+    shardings: (params, opt_state, batch) shardings on a mesh, or None for one device.
+    """
 
     def loss_of(params, batch, rng):
         return loss_fn(nnx.merge(graphdef, params), batch, rng)
@@ -81,11 +79,10 @@ def make_train_step(graphdef, tx, loss_fn, accum: int = 1, paired: bool = False)
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
     def step(params, opt_state, batch, rng):
-        batch = {k: v for k, v in batch.items() if k != "index"}
         if accum == 1:
             (loss, aux), grads = grad_fn(params, batch, rng)
         else:  # gradient accumulation: mean of the micro-batch gradients (scan keeps one live)
-            micro = split_micro(batch, accum, paired)
+            micro = split_micro(batch, accum)
 
             def body(acc, xs):
                 mb, i = xs
@@ -102,7 +99,20 @@ def make_train_step(graphdef, tx, loss_fn, accum: int = 1, paired: bool = False)
                    "real_tokens": jnp.sum(batch["attention_mask"])}
         return params, opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    p_sh, o_sh, b_sh = shardings
+    rep = sharding.replicated(b_sh.mesh)
+    return jax.jit(step, in_shardings=(p_sh, o_sh, b_sh, rep), out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
+
+
+def init_optimizer(tx, params, mesh):
+    """Optimizer state created sharded like the parameters it tracks (counts replicated)."""
+    p_sh = sharding.state_shardings(params, mesh)
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    o_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), p_sh,
+                                 transform_non_params=lambda _: sharding.replicated(mesh), is_leaf=is_var)
+    return jax.jit(tx.init, out_shardings=o_sh)(params), p_sh, o_sh
 
 
 # ----------------------------------------------------------------------------------------
@@ -162,16 +172,16 @@ class MetricsLog:
 # ----------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------
-def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, seed, total_steps,
-          num_replay=0, paired=False, pad_id=0, buckets=(512,), desc="train", to_device=jnp.asarray):
+def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed, total_steps,
+          num_replay=0, pad_id=0, buckets=(512,), desc="train"):
     """Train `model` in place for `total_steps`, resuming from stage_dir/checkpoints if present.
 
     cfg: config.train (lr, schedule, batch, accumulation, intervals). Returns the model with the
     final parameters. Saves at every cfg.save_every steps, at the C replay steps and at the end.
     """
-    graphdef, params = nnx.split(model)
+    graphdef, params = nnx.split(model)  # already sharded over `mesh` by hf.load_model
     tx, schedule = make_optimizer(cfg, total_steps)
-    opt_state = tx.init(params)
+    opt_state, p_sh, o_sh = init_optimizer(tx, params, mesh)
     keep = replay_steps(total_steps, num_replay) if num_replay else [total_steps]
     mngr = checkpoint_manager(os.path.join(stage_dir, "checkpoints"), keep_steps=keep, keep_latest=cfg.keep_latest)
     start = mngr.latest_step() or 0
@@ -180,7 +190,7 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, seed, total
         restored = mngr.restore(start, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(params), opt_state=ocp.args.StandardRestore(opt_state)))
         params, opt_state = restored["params"], restored["opt_state"]
-    step_fn = make_train_step(graphdef, tx, loss_fn, cfg.grad_accum, paired)
+    step_fn = make_train_step(graphdef, tx, loss_fn, cfg.grad_accum, (p_sh, o_sh, sharding.batch_sharding(mesh)))
     log = MetricsLog(stage_dir, start, enabled=jax.process_index() == 0)
     base_rng = jax.random.key(seed)
 
@@ -190,7 +200,7 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, seed, total
             meta=ocp.args.JsonSave({"step": step, "epoch": step / batches.steps_per_epoch})), force=True)
 
     def evaluate(step):
-        ev = heldout_loss(nnx.merge(graphdef, params), eval_examples, cfg.eval_batch_size, buckets, pad_id)
+        ev = heldout_loss(nnx.merge(graphdef, params), eval_examples, cfg.eval_batch_size, buckets, pad_id, mesh)
         log.write(step, {f"eval_{k}": v for k, v in ev.items()})
         return ev
 
@@ -213,14 +223,18 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, seed, total
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
 
+    if start == 0 and cfg.eval_every and eval_examples:  # the baseline the curve starts from
+        evaluate(0)
+        clock[0] = time.perf_counter()
     pending = None
     for step in range(start, total_steps):
-        batch = batches.batch(step)
-        params, opt_state, metrics = step_fn(params, opt_state, {k: to_device(v) for k, v in batch.items()},
+        batch = batches.batch(step)  # this host's rows
+        rows = batch.pop("index")
+        params, opt_state, metrics = step_fn(params, opt_state, sharding.global_batch(batch, mesh),
                                              jax.random.fold_in(base_rng, step))
         if pending is not None:  # the previous step's metrics, pulled while this step runs
             flush(pending)
-        pending = (step + 1, metrics, batch["index"])
+        pending = (step + 1, metrics, rows)
         done = step + 1
         must_save = done % cfg.save_every == 0 or done in keep or done == total_steps
         must_eval = bool(eval_examples) and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps)
@@ -255,7 +269,7 @@ def _finish(run, stage, model, held_out) -> dict:
     c = run.config
     if jax.process_index() == 0:
         hf.save_pretrained(model, os.path.join(run.stage_dir(stage), "hf"), tokenizer=run.tokenizer)
-    ev = heldout_loss(model, held_out, c.train.eval_batch_size, c.data.buckets, run.pad_id) if held_out else {}
+    ev = heldout_loss(model, held_out, c.train.eval_batch_size, c.data.buckets, run.pad_id, run.mesh) if held_out else {}
     logging.info("%s: final held-out %s", stage, ev)
     return {"heldout": ev}
 
@@ -268,12 +282,12 @@ def run_reference(run) -> dict:
     c = run.config
     train_ex, held_out, _ = run.data
     model_cfg = confidence.reference_model_config(c)
-    model = hf.load_model(model_cfg, seed=c.seed)
+    model = hf.load_model(model_cfg, seed=c.seed, mesh=run.mesh)
     batches = TrainBatches(train_ex, c.train.batch_size, c.seed, c.data.buckets,
                            jax.process_index(), jax.process_count(), pad_id=run.pad_id)
     steps = total_steps(c.train, batches.steps_per_epoch)
     model = train(run.stage_dir("reference"), model, batches, held_out, ntp_loss_fn(c.train.ce_chunk or None),
-                  c.train, seed=c.seed, total_steps=steps, num_replay=c.reference.checkpoints,
+                  c.train, mesh=run.mesh, seed=c.seed, total_steps=steps, num_replay=c.reference.checkpoints,
                   pad_id=run.pad_id, buckets=c.data.buckets, desc="reference")
     return {**_finish(run, "reference", model, held_out), "steps": steps,
             "replay_steps": replay_steps(steps, c.reference.checkpoints)}
@@ -287,12 +301,12 @@ def run_sftmix(run) -> dict:
     c = run.config
     train_ex, held_out, _ = run.data
     confident, unconfident = confidence.load_split(run.stage_dir("confidence"), train_ex, c.confidence.split, c.seed)
-    model = hf.load_model(c.model, seed=c.seed)
+    model = hf.load_model(c.model, seed=c.seed, mesh=run.mesh)
     batches = PairedBatches(train_ex, confident, unconfident, c.train.batch_size, c.seed, c.data.buckets,
                             jax.process_index(), jax.process_count(), pad_id=run.pad_id)
     steps = total_steps(c.train, batches.steps_per_epoch)
     s = c.sftmix
     loss_fn = sftmix_loss_fn(s.mu, s.alpha, s.per_pair, s.ntp, c.train.ce_chunk or None)
-    model = train(run.stage_dir("sftmix"), model, batches, held_out, loss_fn, c.train, seed=c.seed,
-                  total_steps=steps, paired=True, pad_id=run.pad_id, buckets=c.data.buckets, desc="sftmix")
+    model = train(run.stage_dir("sftmix"), model, batches, held_out, loss_fn, c.train, mesh=run.mesh, seed=c.seed,
+                  total_steps=steps, pad_id=run.pad_id, buckets=c.data.buckets, desc="sftmix")
     return {**_finish(run, "sftmix", model, held_out), "steps": steps}

@@ -34,14 +34,14 @@ def np_mixup(h, W, targets, weights, lam):
     K = B // 2
     tot, cnt = 0.0, 0
     for k in range(K):
-        pc = np_response_positions(weights[k])
-        pu = np_response_positions(weights[k + K])
+        pc = np_response_positions(weights[2 * k])
+        pu = np_response_positions(weights[2 * k + 1])
         M = min(len(pc), len(pu))
         for n in range(M):
-            z = lam[k] * h[k, pc[n]] + (1 - lam[k]) * h[k + K, pu[n]]
+            z = lam[k] * h[2 * k, pc[n]] + (1 - lam[k]) * h[2 * k + 1, pu[n]]
             logits = z @ W
-            tot += lam[k] * np_ce(logits, targets[k, pc[n]])
-            tot += (1 - lam[k]) * np_ce(logits, targets[k + K, pu[n]])
+            tot += lam[k] * np_ce(logits, targets[2 * k, pc[n]])
+            tot += (1 - lam[k]) * np_ce(logits, targets[2 * k + 1, pu[n]])
         cnt += M
     return tot / max(cnt, 1)
 
@@ -168,14 +168,14 @@ def test_mixup_lambda_extremes_reduce_to_one_side():
     h, W, t, w = make_batch(7, SPECS, L)
     K = len(SPECS) // 2
     args = (jnp.asarray(h), head_of(W), jnp.asarray(t), jnp.asarray(w))
-    for lam, side in [(1.0, 0), (0.0, K)]:
+    for lam, side in [(1.0, 0), (0.0, 1)]:
         tot, cnt = 0.0, 0
         for k in range(K):
-            pc, pu = np_response_positions(w[k]), np_response_positions(w[k + K])
+            pc, pu = np_response_positions(w[2 * k]), np_response_positions(w[2 * k + 1])
             M = min(len(pc), len(pu))
             pos = (pc if side == 0 else pu)[:M]
             for p in pos:
-                tot += np_ce(h[k + side, p].astype(np.float64) @ W, t[k + side, p])
+                tot += np_ce(h[2 * k + side, p].astype(np.float64) @ W, t[2 * k + side, p])
             cnt += M
         loss, _ = losses.mixup_loss(*args, jnp.full((K,), lam))
         np.testing.assert_allclose(float(loss), tot / cnt, rtol=1e-5)
@@ -190,10 +190,10 @@ def test_mixup_grad_only_on_aligned_positions():
     nonzero = np.abs(np.asarray(g)).sum(-1) > 0
     expected = np.zeros_like(nonzero)
     for k in range(K):
-        pc, pu = np_response_positions(w[k]), np_response_positions(w[k + K])
+        pc, pu = np_response_positions(w[2 * k]), np_response_positions(w[2 * k + 1])
         M = min(len(pc), len(pu))
-        expected[k, pc[:M]] = True
-        expected[k + K, pu[:M]] = True
+        expected[2 * k, pc[:M]] = True
+        expected[2 * k + 1, pu[:M]] = True
     np.testing.assert_array_equal(nonzero, expected)
 
 

@@ -72,10 +72,10 @@ def test_gradient_accumulation_is_the_mean_of_micro_batch_gradients():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
-def test_paired_micro_batches_keep_pairs():
-    batch = {"index": jnp.arange(8)}  # rows 0-3 confident, 4-7 unconfident; pair k = (k, k+4)
-    micro = train.split_micro(batch, 2, paired=True)["index"]
-    assert micro.tolist() == [[0, 1, 4, 5], [2, 3, 6, 7]]
+def test_micro_batches_keep_pairs():
+    batch = {"index": jnp.arange(8)}  # pair k = rows (2k, 2k+1)
+    micro = train.split_micro(batch, 2)["index"]
+    assert micro.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 def test_mixup_gradients_reach_the_transformer_layers():

@@ -1,0 +1,107 @@
+"""Sharded runs against the single-device run, on 8 simulated CPU devices."""
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from conftest import tiny_config
+from sftmix_jax import confidence, data, hf, sharding, synthetic, train
+
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
+
+
+def mesh_of(shape):
+    d, f, t = shape
+    cfg = ml_collections.ConfigDict(dict(data=d, fsdp=f, tensor=t, dcn_data=1))
+    return sharding.make_mesh(cfg, jax.devices()[: d * f * t])
+
+
+@pytest.fixture(scope="module")
+def setup():
+    c = tiny_config()
+    train_ex, _, _ = data.load_examples(c.data, synthetic.make_tokenizer(), c.seed)
+    half = len(train_ex) // 2
+    return c, data.TrainBatches(train_ex, 16, 0, c.data.buckets), data.PairedBatches(
+        train_ex, range(half), range(half, 2 * half), 16, 0, c.data.buckets)
+
+
+def losses_on(mesh, c, batches, loss_fn, steps=5):
+    with jax.set_mesh(mesh):
+        model = hf.load_model(c.model, seed=0, mesh=mesh)
+        graphdef, params = nnx.split(model)
+        tx, _ = train.make_optimizer(c.train, 100)
+        opt_state, p_sh, o_sh = train.init_optimizer(tx, params, mesh)
+        step = train.make_train_step(graphdef, tx, loss_fn, 1, (p_sh, o_sh, sharding.batch_sharding(mesh)))
+        out = []
+        for i in range(steps):
+            b = batches.batch(i)
+            b.pop("index")
+            params, opt_state, m = step(params, opt_state, sharding.global_batch(b, mesh), jax.random.key(i))
+            out.append(float(m["loss"]))
+    return np.array(out), params
+
+
+@pytest.mark.parametrize("kind", ["ntp", "sftmix"])
+def test_losses_match_single_device_on_every_mesh(setup, kind):
+    c, ntp_batches, paired = setup
+    loss_fn = train.ntp_loss_fn() if kind == "ntp" else train.sftmix_loss_fn(0.2, 0.5, False)
+    batches = ntp_batches if kind == "ntp" else paired
+    ref, _ = losses_on(mesh_of((1, 1, 1)), c, batches, loss_fn)
+    assert ref[-1] < ref[0]
+    for shape in MESHES:
+        got, _ = losses_on(mesh_of(shape), c, batches, loss_fn)
+        np.testing.assert_allclose(got, ref, atol=1e-4, err_msg=f"mesh {shape}")
+
+
+def test_parameters_are_sharded_as_the_rules_say(setup):
+    c = setup[0]
+    mesh = mesh_of((1, 4, 2))
+    model = hf.load_model(c.model, seed=0, mesh=mesh)
+    expect = {
+        ("embed",): P("tensor", "fsdp"),  # [vocab, embed]
+        ("layers", 0, "attn", "q", "kernel"): P("fsdp", "tensor", None),  # [embed, heads, head_dim]
+        ("layers", 0, "attn", "k", "kernel"): P("fsdp", "tensor", None),  # [embed, kv_heads, head_dim]
+        ("layers", 0, "attn", "o", "kernel"): P("tensor", None, "fsdp"),  # [heads, head_dim, embed]
+        ("layers", 1, "mlp", "down", "kernel"): P("tensor", "fsdp"),  # [mlp, embed]
+        ("norm", "scale"): P(None),
+    }
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    for path, spec in expect.items():
+        value = flat[path].get_value()
+        assert value.sharding.spec == spec, path
+        shard = value.addressable_shards[0].data.shape
+        sizes = {"fsdp": 4, "tensor": 2}
+        assert shard == tuple(n // sizes.get(a, 1) for n, a in zip(value.shape, list(spec) + [None] * 3)), path
+    # optimizer state follows the parameters
+    tx, _ = train.make_optimizer(c.train, 10)
+    opt_state, _, _ = train.init_optimizer(tx, nnx.state(model), mesh)
+    mu = dict(nnx.to_flat_state(opt_state[1][0].mu))
+    assert mu[("layers", 0, "attn", "q", "kernel")].get_value().sharding.spec == P("fsdp", "tensor", None)
+
+
+def test_checkpoint_restores_on_another_mesh_and_replays_the_same(workdir, tmp_path):
+    """The pipeline fixture trained on 8 devices (data=8); replay here on 4 devices as (1, 2, 2)."""
+    c = tiny_config()
+    train_ex, _, _ = data.load_examples(c.data, synthetic.make_tokenizer(), c.seed)
+    steps = json.load(open(os.path.join(workdir, "reference", "done.json")))["replay_steps"]
+    with jax.set_mesh(mesh_of((1, 2, 2))):
+        perp = confidence.replay(os.path.join(workdir, "reference", "checkpoints"), steps, train_ex, c.model,
+                                 32, c.data.buckets, 256, cache_dir=str(tmp_path), mesh=mesh_of((1, 2, 2)))
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "confidence", "scores.jsonl"))]
+    np.testing.assert_allclose(perp.T, [r["perplexity"] for r in rows], rtol=1e-4)
+
+
+def test_mesh_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"2\*2\*3 = 12 but there are 8 devices"):
+        sharding.mesh_shape(2, 2, 3, 8)
+    with pytest.raises(ValueError, match="at most one axis may be -1"):
+        sharding.mesh_shape(-1, -1, 1, 8)
+    assert sharding.mesh_shape(-1, 4, 2, 8) == (1, 4, 2)
+    assert sharding.logical_to_spec(("act_batch", None, "act_vocab"), ("data", "fsdp", "tensor")) == P(("data", "fsdp"), None, "tensor")
+    with pytest.raises(KeyError, match="no rule"):
+        sharding.logical_to_spec(("nonsense",))
