@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["sftmix_jax", "sftmix_jax.*"]),
     install_requires=[
         "jax>=0.7",
@@ -19,6 +19,7 @@ setup(
         "datasets>=3.0",
         "ml_collections>=1.0",
         "absl-py",
+        "etils[epath]",
         "safetensors>=0.4",
         "numpy",
         "tqdm",
@@ -28,7 +29,8 @@ setup(
     extras_require={
         # torch pinned: a CPU build is the PyTorch reference in tests and benches.
         "test": ["pytest", "torch==2.13.0"],
-        "tpu": ["jax[tpu]"],
-        "gpu": ["jax[cuda12]"],
+        # gcsfs: workdirs on gs:// (etils.epath); google-cloud-storage: TensorBoard on gs://
+        "tpu": ["jax[tpu]", "gcsfs", "google-cloud-storage"],
+        "gpu": ["jax[cuda12]", "gcsfs", "google-cloud-storage"],
     },
 )

@@ -13,6 +13,7 @@ import os
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 
 from sftmix_jax import hf, sharding
@@ -42,10 +43,11 @@ def replay(ckpt_dir, steps, examples, model_cfg, batch_size, buckets, pad_id, ca
         abstract = sharding.with_shardings(abstract, sharding.state_shardings(abstract, mesh))
     perps = []
     for step in steps:
-        cache = os.path.join(cache_dir, f"perplexity_step{step}.npy")
-        if os.path.exists(cache):
+        cache = epath.Path(cache_dir, f"perplexity_step{step}.npy")
+        if cache.exists():
             logging.info("replay: checkpoint %d cached", step)
-            perps.append(np.load(cache))
+            with cache.open("rb") as f:
+                perps.append(np.load(f))
             continue
         params = restore_params(ckpt_dir, step, abstract)
         nll, count = example_nll(nnx.merge(graphdef, params), examples, batch_size, buckets, pad_id, mesh,
@@ -54,8 +56,10 @@ def replay(ckpt_dir, steps, examples, model_cfg, batch_size, buckets, pad_id, ca
             raise ValueError(f"examples without response tokens: {[examples[i].id for i in np.flatnonzero(count == 0)[:5]]}")
         perp = np.exp(nll / count)
         if jax.process_index() == 0:
-            np.save(cache + ".tmp.npy", perp)
-            os.replace(cache + ".tmp.npy", cache)
+            tmp = epath.Path(str(cache) + ".tmp")
+            with tmp.open("wb") as f:
+                np.save(f, perp)
+            tmp.replace(cache)
         perps.append(perp)
     return np.stack(perps)
 
@@ -71,8 +75,7 @@ def median_split(conf: np.ndarray):
 def run(run) -> dict:
     c = run.config
     out = run.stage_dir("confidence")
-    with open(os.path.join(run.stage_dir("reference"), "done.json")) as f:
-        steps = json.load(f)["replay_steps"]
+    steps = json.loads(epath.Path(run.stage_dir("reference"), "done.json").read_text())["replay_steps"]
     if len(steps) < 2:
         raise ValueError(f"confidence needs >= 2 reference checkpoints to replay, got {steps}: "
                          "set config.reference.checkpoints >= 2")
@@ -86,11 +89,11 @@ def run(run) -> dict:
     if len(dropped):
         logging.info("odd number of examples: dropped the median example %s", train_ex[dropped[0]].id)
     if jax.process_index() == 0:
-        with open(os.path.join(out, "scores.jsonl.tmp"), "w") as f:
-            for i, ex in enumerate(train_ex):
-                f.write(json.dumps({"id": ex.id, "perplexity": perp_CN[:, i].tolist(), "confidence": float(conf_N[i]),
-                                    "variability": float(var_N[i]), "split": split[i]}) + "\n")
-        os.replace(os.path.join(out, "scores.jsonl.tmp"), os.path.join(out, "scores.jsonl"))
+        rows = [json.dumps({"id": ex.id, "perplexity": perp_CN[:, i].tolist(), "confidence": float(conf_N[i]),
+                            "variability": float(var_N[i]), "split": split[i]}) + "\n" for i, ex in enumerate(train_ex)]
+        tmp = epath.Path(out, "scores.jsonl.tmp")
+        tmp.write_text("".join(rows))
+        tmp.replace(epath.Path(out, "scores.jsonl"))
         data_map(conf_N, var_N, split, os.path.join(out, "data_map.png"), steps)
     summary = {
         "checkpoint_steps": steps,
@@ -107,8 +110,7 @@ def load_split(conf_dir, examples, mode="confidence", seed=0):
 
     mode 'random' (the control): halves of the same sizes drawn at random from the same rows.
     """
-    with open(os.path.join(conf_dir, "scores.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = [json.loads(line) for line in epath.Path(conf_dir, "scores.jsonl").read_text().splitlines()]
     ids = [e.id for e in examples]
     if [r["id"] for r in rows] != ids:
         raise ValueError(f"{conf_dir}/scores.jsonl does not match the training set (was the data config changed?)")
@@ -141,5 +143,6 @@ def data_map(conf, var, split, path, steps):
     ax.legend(markerscale=3)
     hist.set(xlabel="confidence", ylabel="examples", title="Confidence")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with epath.Path(path).open("wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -90,7 +91,7 @@ def run(run) -> dict:
     results = {}
     for stage, label in (("reference", "NTP reference"), ("sftmix", "SFTMix")):
         path = os.path.join(run.stage_dir(stage), "hf")
-        if not os.path.exists(os.path.join(path, "config.json")):
+        if not epath.Path(path, "config.json").exists():
             logging.warning("evaluate: no %s model at %s, skipped", stage, path)
             continue
         model = hf.load_model(ml_collections.ConfigDict(dict(source=path, dtype=c.model.dtype, param_dtype=c.model.param_dtype,
@@ -103,10 +104,8 @@ def run(run) -> dict:
         logging.info("evaluate %s: %s", label, m)
     summary = {"heldout_examples": len(held_out), "results": results, "config": json.loads(c.to_json_best_effort())}
     if jax.process_index() == 0:
-        with open(os.path.join(run.workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        with open(os.path.join(run.workdir, "summary.md"), "w") as f:
-            f.write(summary_markdown(summary))
+        epath.Path(run.workdir, "summary.json").write_text(json.dumps(summary, indent=2))
+        epath.Path(run.workdir, "summary.md").write_text(summary_markdown(summary))
     return {"results": results}
 
 

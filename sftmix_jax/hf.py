@@ -6,11 +6,13 @@ never holds two full copies in host memory.
 import json
 import os
 import re
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -156,10 +158,19 @@ def hf_name(path) -> tuple:
 # ----------------------------------------------------------------------------------------
 # Load
 # ----------------------------------------------------------------------------------------
+def _is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
 def resolve(path_or_id: str) -> str:
-    """A local HF directory, or a hub id downloaded to the cache (for users with a network)."""
+    """A local HF directory; a remote one (gs://...) copied to a local cache; or a hub id downloaded."""
     if os.path.isdir(path_or_id):
         return path_or_id
+    if _is_remote(path_or_id):
+        local = os.path.join(tempfile.gettempdir(), "sftmix_jax_hf", re.sub(r"[^\w.-]", "_", str(path_or_id)))
+        if not os.path.exists(os.path.join(local, "config.json")):
+            _copy_tree(epath.Path(path_or_id), epath.Path(local))
+        return local
     if os.path.exists(path_or_id) or path_or_id.startswith((".", "/")) or path_or_id.count("/") != 1:
         raise FileNotFoundError(f"{path_or_id!r} is not a model directory (config.json + safetensors) nor a hub id")
     from huggingface_hub import snapshot_download
@@ -219,8 +230,22 @@ def load_pretrained(path: str, dtype="float32", param_dtype="float32", remat="no
 # ----------------------------------------------------------------------------------------
 # Save
 # ----------------------------------------------------------------------------------------
+def _copy_tree(src, dst) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        f.copy(dst / f.name, overwrite=True)
+
+
 def save_pretrained(model: CausalLM, path: str, tokenizer=None, max_shard_bytes: int = SHARD_BYTES) -> None:
-    """Write config.json, safetensors (sharded above max_shard_bytes) and the tokenizer."""
+    """Write config.json, safetensors (sharded above max_shard_bytes) and the tokenizer.
+
+    A remote path (gs://...) is written locally first, then copied.
+    """
+    if _is_remote(path):
+        with tempfile.TemporaryDirectory() as local:
+            save_pretrained(model, local, tokenizer, max_shard_bytes)
+            _copy_tree(epath.Path(local), epath.Path(path))
+        return
     os.makedirs(path, exist_ok=True)
     extra = {}
     if tokenizer is not None:

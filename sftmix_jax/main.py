@@ -10,6 +10,7 @@ import logging as std_logging
 import os
 
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 STAGES = ("reference", "confidence", "sftmix", "evaluate")
@@ -56,14 +57,11 @@ class Run:
         return data.load_examples(self.config.data, self.tokenizer, self.config.seed)
 
     def is_done(self, stage: str) -> bool:
-        return os.path.exists(os.path.join(self.stage_dir(stage), "done.json"))
+        return epath.Path(self.stage_dir(stage), "done.json").exists()
 
     def mark_done(self, stage: str, summary: dict) -> None:
         """The last write of a stage: its presence means every output of the stage is complete."""
-        path = os.path.join(self.stage_dir(stage), "done.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_atomic(epath.Path(self.stage_dir(stage), "done.json"), json.dumps(summary, indent=2))
 
 
 def parse_stages(spec: str) -> list[str]:
@@ -76,21 +74,25 @@ def parse_stages(spec: str) -> list[str]:
 
 def check_workdir_config(workdir: str, config: dict) -> None:
     """Write DIR/config.json, or refuse a workdir that holds a different config."""
-    path = os.path.join(workdir, "config.json")
+    path = epath.Path(workdir, "config.json")
     strip = lambda c: {k: v for k, v in c.items() if k not in MUTABLE_KEYS}  # noqa: E731
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    if path.exists():
+        old = json.loads(path.read_text())
         if strip(old) != strip(config):
             diff = sorted(_diff(strip(old), strip(config)))
             raise SystemExit(
                 f"{workdir} holds a run with a different config (differing keys: {', '.join(diff[:10])}). "
                 "Use a new --workdir, or the same config to resume.")
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(config, indent=2, sort_keys=True))
+
+
+def write_atomic(path, text: str) -> None:
+    """Write to a temporary name, then rename: readers never see half a file."""
+    tmp = epath.Path(str(path) + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _diff(a, b, prefix=""):
@@ -121,7 +123,7 @@ def run_stages(config, workdir: str) -> None:
             logging.info("stage %s: complete in %s, skipped", stage, run.stage_dir(stage))
             continue
         logging.info("stage %s: running", stage)
-        os.makedirs(run.stage_dir(stage), exist_ok=True)
+        epath.Path(run.stage_dir(stage)).mkdir(parents=True, exist_ok=True)
         run.mark_done(stage, runners[stage](run) or {})
 
 

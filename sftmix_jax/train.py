@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as ocm
 from tqdm.auto import tqdm
@@ -123,16 +124,21 @@ def replay_steps(total_steps: int, num: int) -> list[int]:
     return sorted({max(1, int(round(total_steps * (c + 1) / num))) for c in range(num)})
 
 
+def _abs(directory: str) -> epath.Path:
+    """Orbax wants absolute paths; gs:// and other remote paths already are."""
+    return epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
+
+
 def checkpoint_manager(directory: str, keep_steps=(), keep_latest: int = 2) -> ocp.CheckpointManager:
     policy = ocm.AnyPreservationPolicy([ocm.LatestN(keep_latest), ocm.CustomSteps(list(keep_steps))])
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+    return ocp.CheckpointManager(_abs(directory), options=options,
                                  item_names=("params", "opt_state", "meta"))
 
 
 def restore_params(directory: str, step: int, abstract_params):
     """Parameters only (no optimizer state) of one checkpoint, e.g. for confidence replay."""
-    with ocp.CheckpointManager(os.path.abspath(directory), item_names=("params", "opt_state", "meta")) as mngr:
+    with ocp.CheckpointManager(_abs(directory), item_names=("params", "opt_state", "meta")) as mngr:
         return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
 
 
@@ -144,13 +150,12 @@ class MetricsLog:
 
     def __init__(self, stage_dir: str, start_step: int, enabled: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(stage_dir, "metrics.jsonl")
+        self.path = epath.Path(stage_dir, "metrics.jsonl")
         if not enabled:
             return
-        if os.path.exists(self.path):
-            rows = [json.loads(line) for line in open(self.path) if line.strip()]
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step)
+        if self.path.exists():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
         from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(os.path.join(stage_dir, "tb"), purge_step=start_step + 1)
@@ -159,7 +164,7 @@ class MetricsLog:
         if not self.enabled:
             return
         metrics = {k: float(v) for k, v in metrics.items()}
-        with open(self.path, "a") as f:
+        with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)

@@ -87,3 +87,19 @@ def test_mixup_gradients_reach_the_transformer_layers():
     flat = dict(nnx.to_flat_state(grads))
     for path in [("layers", 0, "attn", "q", "kernel"), ("layers", 1, "mlp", "down", "kernel"), ("embed",)]:
         assert float(jnp.abs(flat[path].get_value()).max()) > 0, path
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+    import dataclasses
+
+    batch = {k: jnp.asarray(v) for k, v in make_batch().items() if k != "index"}
+    loss_fn = train.sftmix_loss_fn(0.2, 0.5, False)
+    results = []
+    for policy in ("none", "full", "dots"):
+        graphdef, params = nnx.split(init_model(dataclasses.replace(CFG, remat=policy)))
+        results.append(jax.jit(jax.value_and_grad(
+            lambda p: loss_fn(nnx.merge(graphdef, p), batch, jax.random.key(0))[0]))(params))
+    for loss, grads in results[1:]:
+        assert abs(float(loss) - float(results[0][0])) < 1e-6
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(results[0][1])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
