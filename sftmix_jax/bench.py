@@ -1,11 +1,16 @@
-"""Benchmark: the SFTMix train step against the NTP train step on the same batch.
+"""Benchmark: SFTMix vs NTP train steps, replay, and the same steps in PyTorch + transformers.
 
     python -m sftmix_jax.bench --shape tiny
-    python -m sftmix_jax.bench --shape smollm2 --batch 4 --seq 256 [--model DIR]
+    python -m sftmix_jax.bench --shape smollm2 --batch 4 --seq 256 --torch --memory
+    python -m sftmix_jax.bench --shape small --torch --memory
 
-Both steps are jitted, warmed up, then timed alternately (rounds of `--steps` each) so that
-machine drift hits both alike; reported: median step time, tokens/s and the ratio, all from
-one run. Not a test: run it by hand, on the machine whose numbers you want.
+In one run: the jitted NTP and SFTMix steps (AdamW) on the same batch, the forward-only replay
+step, and with --torch the same two steps with transformers' LlamaForCausalLM and torch.optim
+.AdamW on the same shape, batch and machine. Every step is warmed up, then all are timed in
+alternating rounds (`--rounds` x `--steps`) so machine drift hits them alike; medians are
+reported with ratios. --memory measures each step's peak host memory (RSS growth over the
+loaded model) in a fresh subprocess, one per step kind. MFU counts 6*N*tokens (+ attention)
+against --peak-tflops (default: 0.14, this project's 2-core CPU reference). Not a test.
 """
 import argparse
 import json
@@ -17,7 +22,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sftmix_jax import hf, train
+from sftmix_jax import evaluate, hf, train
 from sftmix_jax.model import ModelConfig, init_model
 
 SHAPES = {
@@ -49,15 +54,69 @@ def synthetic_batch(B, L, vocab, seed=0):
     return {"input_ids": ids, "targets": targets, "weights": weights, "attention_mask": mask}
 
 
-def time_steps(step, state, batch, n):
-    params, opt_state = state
-    times = []
-    for i in range(n):
-        t = time.perf_counter()
-        params, opt_state, metrics = step(params, opt_state, batch, jax.random.key(i))
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t)
-    return (params, opt_state), times
+def torch_steps(cfg: ModelConfig, batch, lr=1e-4):
+    """NTP and SFTMix train steps with transformers' PyTorch Llama and torch AdamW."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, tie_word_embeddings=cfg.tie_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta, max_position_embeddings=4096, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(hf_cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    t = {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}
+    ids, targets, weights = t["input_ids"].long(), t["targets"].long(), t["weights"]
+
+    def ce(logits, y, w):
+        nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, -2), y.flatten(), reduction="none")
+        return (nll * w.flatten()).sum() / w.sum().clamp(min=1)
+
+    def ntp():
+        h = model.model(input_ids=ids).last_hidden_state
+        return ce(model.lm_head(h), targets, weights)
+
+    def sftmix():
+        h = model.model(input_ids=ids).last_hidden_state
+        loss = ce(model.lm_head(h), targets, weights)
+        order = torch.argsort((weights <= 0).int(), dim=1, stable=True)  # response positions first
+        h_al = torch.gather(h, 1, order[..., None].expand(-1, -1, h.shape[-1]))
+        y_al = torch.gather(targets, 1, order)
+        count = (weights > 0).sum(1)
+        m = torch.minimum(count[0::2], count[1::2])
+        valid = (torch.arange(h.shape[1])[None] < m[:, None]).float()
+        lam = float(np.random.default_rng(0).beta(0.5, 0.5))
+        z = lam * h_al[0::2] + (1 - lam) * h_al[1::2]
+        logits = model.lm_head(z)
+        mix = lam * ce(logits, y_al[0::2], valid) + (1 - lam) * ce(logits, y_al[1::2], valid)
+        return loss + 0.2 * mix
+
+    def make(fn):
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = fn()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            return float(loss.detach())
+        return step
+    return {"torch_ntp": make(ntp), "torch_sftmix": make(sftmix)}
+
+
+def flops_per_token(cfg: ModelConfig, L: int) -> float:
+    """6 * (non-embedding params + LM head) + attention (6 * layers * L * N * H, causal half)."""
+    D, F, N, K, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    per_layer = D * N * H * 2 + D * K * H * 2 + 3 * D * F
+    n = cfg.num_layers * per_layer + D * cfg.vocab_size
+    return 6 * n + 6 * cfg.num_layers * L * N * H
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main():
@@ -71,6 +130,10 @@ def main():
     p.add_argument("--dtype", default="float32")
     p.add_argument("--ce-chunk", type=int, default=0)
     p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument("--torch", action="store_true", help="also time PyTorch + transformers on the same shape")
+    p.add_argument("--memory", action="store_true", help="peak memory of each step kind, in subprocesses")
+    p.add_argument("--peak-tflops", type=float, default=0.14, help="device peak for MFU (CPU here: 0.14)")
+    p.add_argument("--only", default="", help=argparse.SUPPRESS)  # one step kind: the memory subprocess
     args = p.parse_args()
     B, L = args.batch or DEFAULT_BATCH[args.shape][0], args.seq or DEFAULT_BATCH[args.shape][1]
     if args.model:
@@ -82,28 +145,78 @@ def main():
     batch = {k: jnp.asarray(v) for k, v in synthetic_batch(B, L, model.cfg.vocab_size).items()}
     chunk = args.ce_chunk or None
     tx, _ = train.make_optimizer(OPT, 1000)
-    steps = {
+    jax_fns = {
         "ntp": train.make_train_step(graphdef, tx, train.ntp_loss_fn(chunk)),
         "sftmix": train.make_train_step(graphdef, tx, train.sftmix_loss_fn(0.2, 0.5, False, True, chunk)),
     }
-    states = {k: (jax.tree.map(jnp.array, params), tx.init(params)) for k in steps}
-    for k in steps:  # compile + warm up
-        states[k], _ = time_steps(steps[k], states[k], batch, 2)
-    times = {k: [] for k in steps}
+    replay_fn = jax.jit(lambda state, b: evaluate._example_nll(graphdef, state, b))
+    kinds = ["ntp", "sftmix", "replay"] + (["torch_ntp", "torch_sftmix"] if args.torch else [])
+    if args.only:
+        kinds = [args.only]
+    steps = {}
+    for k in kinds:
+        if k in jax_fns:
+            state = [jax.tree.map(jnp.array, params), tx.init(params)]
+
+            def run(fn=jax_fns[k], state=state):
+                state[0], state[1], m = fn(state[0], state[1], batch, jax.random.key(0))
+                jax.block_until_ready(m)
+            steps[k] = run
+        elif k == "replay":
+            eval_batch = {k2: batch[k2] for k2 in ("input_ids", "targets", "weights")}
+            steps[k] = lambda: jax.block_until_ready(replay_fn(params, eval_batch))
+        else:
+            steps.update({k: torch_steps(model.cfg, batch)[k]})
+    base_rss = peak_rss_mb()
+    for k in kinds:  # compile + warm up
+        for _ in range(2):
+            steps[k]()
+    if args.only:  # memory subprocess: report and leave
+        print(json.dumps({"peak_mb": peak_rss_mb() - base_rss}))
+        return
+    times = {k: [] for k in kinds}
     for _ in range(args.rounds):
-        for k in steps:
-            states[k], t = time_steps(steps[k], states[k], batch, args.steps)
-            times[k] += t
+        for k in kinds:
+            for _ in range(args.steps):
+                t = time.perf_counter()
+                steps[k]()
+                times[k].append(time.perf_counter() - t)
     tokens = int(batch["attention_mask"].sum())
+    padded = B * L
+    fpt = flops_per_token(model.cfg, L)
     res = {"device": str(jax.devices()[0].device_kind), "shape": args.shape, "params": int(n_params),
-           "batch": [B, L], "real_tokens": tokens, "dtype": args.dtype}
-    for k, t in times.items():
-        res[k] = {"step_ms": 1000 * float(np.median(t)), "tokens_per_s": tokens / float(np.median(t))}
-    res["sftmix_over_ntp"] = res["sftmix"]["step_ms"] / res["ntp"]["step_ms"]
-    print(f"{args.shape}: {n_params / 1e6:.1f}M params, batch {B}x{L}, {res['device']}, {args.dtype}")
-    for k in steps:
-        print(f"  {k:7s} step {res[k]['step_ms']:9.1f} ms   {res[k]['tokens_per_s']:10.0f} tokens/s")
-    print(f"  SFTMix step / NTP step = {res['sftmix_over_ntp']:.3f}")
+           "batch": [B, L], "real_tokens": tokens, "dtype": args.dtype, "peak_tflops": args.peak_tflops}
+    for k in kinds:
+        sec = float(np.median(times[k]))
+        train_flops = fpt * padded if k != "replay" else fpt * padded / 3  # forward only: 1/3
+        res[k] = {"step_ms": 1000 * sec, "tokens_per_s": tokens / sec,
+                  "mfu": train_flops / sec / (args.peak_tflops * 1e12)}
+    if args.memory:
+        import subprocess
+        import sys
+
+        for k in kinds:
+            cmd = [sys.executable, "-m", "sftmix_jax.bench", *sys.argv[1:], "--only", k]
+            cmd = [c for c in cmd if c not in ("--memory", "--torch")]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            res[k]["peak_mb"] = json.loads(out)["peak_mb"]
+    print(f"{args.shape}: {n_params / 1e6:.1f}M params, batch {B}x{L} ({tokens} real tokens), "
+          f"{res['device']}, {args.dtype}")
+    for k in kinds:
+        mem = f"   peak +{res[k]['peak_mb']:7.0f} MB" if "peak_mb" in res[k] else ""
+        print(f"  {k:13s} {res[k]['step_ms']:9.1f} ms  {res[k]['tokens_per_s']:9.0f} tokens/s  "
+              f"MFU {100 * res[k]['mfu']:5.1f}%{mem}")
+    ratios = {"sftmix/ntp step time": res["sftmix"]["step_ms"] / res["ntp"]["step_ms"]}
+    if args.torch:
+        ratios["ntp tokens/s ours/torch"] = res["ntp"]["tokens_per_s"] / res["torch_ntp"]["tokens_per_s"]
+        ratios["sftmix tokens/s ours/torch"] = res["sftmix"]["tokens_per_s"] / res["torch_sftmix"]["tokens_per_s"]
+    if args.memory:
+        ratios["sftmix/ntp peak memory"] = res["sftmix"]["peak_mb"] / max(res["ntp"]["peak_mb"], 1)
+        if args.torch:
+            ratios["ntp peak memory ours/torch"] = res["ntp"]["peak_mb"] / max(res["torch_ntp"]["peak_mb"], 1)
+    res["ratios"] = ratios
+    for name, value in ratios.items():
+        print(f"  {name:30s} {value:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -49,6 +49,10 @@ def replay(ckpt_dir, steps, examples, model_cfg, batch_size, buckets, pad_id, ca
             with cache.open("rb") as f:
                 perps.append(np.load(f))
             continue
+        if not epath.Path(ckpt_dir, str(step)).exists():
+            raise FileNotFoundError(
+                f"reference checkpoint {step} is gone from {ckpt_dir}: the confidence stage replays the "
+                f"reference checkpoints {list(steps)}. Restore it, or rerun the reference stage (delete its done.json).")
         params = restore_params(ckpt_dir, step, abstract)
         nll, count = example_nll(nnx.merge(graphdef, params), examples, batch_size, buckets, pad_id, mesh,
                                  desc=f"replay step {step}")

@@ -72,6 +72,56 @@ def parse_stages(spec: str) -> list[str]:
     return sorted(stages, key=STAGES.index)
 
 
+def validate(config, stages, num_devices: int, process_count: int = 1) -> None:
+    """Every setting checked before any compute: one message naming the key and the fix."""
+    from sftmix_jax import sharding
+
+    c = config
+    problems = []
+    try:
+        d, f, _ = sharding.mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
+        dp = d * f
+    except ValueError as e:
+        problems.append(str(e))
+        dp = 1
+    b, accum = c.train.batch_size, c.train.grad_accum
+    if b <= 0 or accum <= 0 or b % accum:
+        problems.append(f"config.train.batch_size={b} must be a positive multiple of config.train.grad_accum={accum}")
+    elif (b // accum) % dp:
+        problems.append(f"config.train.batch_size={b} (per micro-batch {b // accum}) must be divisible by the "
+                        f"data-parallel size data*fsdp={dp}")
+    if "sftmix" in stages and (b // max(accum, 1)) % (2 * process_count):
+        problems.append(f"config.train.batch_size={b}: SFTMix needs an even number of rows per micro-batch "
+                        f"and per host (confident/unconfident pairs); use a multiple of {2 * accum * process_count}")
+    for key in ("train.eval_batch_size", "confidence.batch_size", "evaluate.batch_size"):
+        node, name = key.split(".")
+        if c[node][name] % dp:
+            problems.append(f"config.{key}={c[node][name]} must be divisible by data*fsdp={dp}")
+    if c.sftmix.mu < 0:
+        problems.append(f"config.sftmix.mu={c.sftmix.mu} must be >= 0 (0.2 in the paper)")
+    if c.sftmix.alpha <= 0:
+        problems.append(f"config.sftmix.alpha={c.sftmix.alpha} must be > 0 (Beta(alpha, alpha); 0.5 in the paper)")
+    if not c.sftmix.ntp and c.sftmix.mu == 0:
+        problems.append("config.sftmix.ntp=False with mu=0 leaves no loss: set mu > 0")
+    if c.confidence.split not in ("confidence", "random"):
+        problems.append(f"config.confidence.split={c.confidence.split!r}: use 'confidence' or 'random'")
+    if "confidence" in stages and c.reference.checkpoints < 2:
+        problems.append(f"config.reference.checkpoints={c.reference.checkpoints}: the confidence replay needs >= 2")
+    fmt = c.data.format
+    needed = {"alpaca": ("instruction", "output"), "messages": ("messages",), "sharegpt": ("conversations",)}
+    if fmt not in needed:
+        problems.append(f"config.data.format={fmt!r}: use alpaca, messages or sharegpt")
+    else:
+        problems += [f"config.data.fields.{k} is empty: name the column that holds it" for k in needed[fmt]
+                     if not c.data.fields.get(k)]
+    if c.data.template not in ("chat", "alpaca"):
+        problems.append(f"config.data.template={c.data.template!r}: use 'chat' or 'alpaca'")
+    if c.data.overflow not in ("truncate", "drop"):
+        problems.append(f"config.data.overflow={c.data.overflow!r}: use 'truncate' or 'drop'")
+    if problems:
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
 def check_workdir_config(workdir: str, config: dict) -> None:
     """Write DIR/config.json, or refuse a workdir that holds a different config."""
     path = epath.Path(workdir, "config.json")
@@ -112,6 +162,7 @@ def run_stages(config, workdir: str) -> None:
 
     sharding.init_distributed()
     stages = parse_stages(config.stages)
+    validate(config, stages, jax.device_count(), jax.process_count())
     resolved = json.loads(config.to_json_best_effort())
     if jax.process_index() == 0:
         check_workdir_config(workdir, resolved)

@@ -7,7 +7,9 @@ restored from a checkpoint at step s continues exactly as if it had never stoppe
 """
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import jax
@@ -143,8 +145,29 @@ def restore_params(directory: str, step: int, abstract_params):
 
 
 # ----------------------------------------------------------------------------------------
-# Logging
+# Signals and logging
 # ----------------------------------------------------------------------------------------
+class watch_signals:
+    """SIGTERM / SIGINT set a flag: the loop finishes its step, saves, and exits non-zero."""
+
+    def __init__(self):
+        self.signaled, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signaled is not None:  # a second signal: stop now
+            self.restore()
+            raise KeyboardInterrupt
+        logging.warning("signal %d: finishing the current step, saving, then exiting", signum)
+        self.signaled = signum
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
 class MetricsLog:
     """metrics.jsonl + TensorBoard; on resume, rows past the restored step are dropped."""
 
@@ -231,6 +254,7 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
     if start == 0 and cfg.eval_every and eval_examples:  # the baseline the curve starts from
         evaluate(0)
         clock[0] = time.perf_counter()
+    stop = watch_signals()
     pending = None
     for step in range(start, total_steps):
         batch = batches.batch(step)  # this host's rows
@@ -241,7 +265,9 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
             flush(pending)
         pending = (step + 1, metrics, rows)
         done = step + 1
-        must_save = done % cfg.save_every == 0 or done in keep or done == total_steps
+        # Preemption: one host alone sees the signal; Orbax's sync point makes all stop at one step.
+        preempted = stop.signaled if jax.process_count() == 1 else mngr.reached_preemption(done)
+        must_save = done % cfg.save_every == 0 or done in keep or done == total_steps or preempted
         must_eval = bool(eval_examples) and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps)
         if must_save or must_eval:
             flush(pending)
@@ -251,6 +277,13 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
             if must_eval:
                 bar.set_postfix_str(f"eval_loss={evaluate(done)['loss']:.4f}", refresh=False)
             clock[0] = time.perf_counter()  # saving and evals do not count against tokens/s
+        if preempted:
+            bar.close()
+            mngr.wait_until_finished()
+            stop.restore()
+            raise SystemExit(f"{desc}: stopped by a signal after step {done}; checkpoint saved in "
+                             f"{stage_dir}/checkpoints. Rerun the same command to resume.")
+    stop.restore()
     if pending is not None:
         flush(pending)
     bar.close()

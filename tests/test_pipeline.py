@@ -1,6 +1,7 @@
 """The whole pipeline on a shrunken configs/tiny.py: layout, skipping, resume after SIGKILL."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,26 +69,59 @@ def cli(workdir, steps=40):
             "--config.data.synthetic.num_train=160", "--config.data.synthetic.num_eval=16"]
 
 
-def test_sigkill_and_resume_gives_the_same_parameters(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user's run
-    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    proc = subprocess.Popen(cli(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    first_ckpt = os.path.join(killed, "reference", "checkpoints", "20", "params")
+ENV = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user's run
+
+
+def final_weights(workdir):
+    return load_file(os.path.join(workdir, "reference", "hf", "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("straight"))
+    subprocess.run(cli(d), env=ENV, check=True, capture_output=True)
+    return final_weights(d)
+
+
+def start_and_wait_for_checkpoint(workdir, step):
+    proc = subprocess.Popen(cli(workdir), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ckpt = os.path.join(workdir, "reference", "checkpoints", str(step), "params")
     deadline = time.time() + 240
-    while not os.path.exists(first_ckpt) and proc.poll() is None and time.time() < deadline:
+    while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    assert proc.poll() is None, f"run ended before it could be stopped: {proc.stderr.read()[-2000:]}"
+    return proc
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
+
+
+def test_sigkill_and_resume_gives_the_same_parameters(tmp_path, straight):
+    killed = str(tmp_path / "killed")
+    proc = start_and_wait_for_checkpoint(killed, 20)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not os.path.exists(os.path.join(killed, "reference", "done.json"))
-    resumed = subprocess.run(cli(killed), env=env, capture_output=True, text=True)
+    resumed = subprocess.run(cli(killed), env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step" in resumed.stderr
-    subprocess.run(cli(straight), env=env, check=True, capture_output=True)
-    a = load_file(os.path.join(straight, "reference", "hf", "model.safetensors"))
-    b = load_file(os.path.join(killed, "reference", "hf", "model.safetensors"))
-    assert a.keys() == b.keys()
-    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
+    assert_same(straight, final_weights(killed))
     # metrics.jsonl has no duplicated steps after the resume
     steps = [json.loads(line)["step"] for line in open(os.path.join(killed, "reference", "metrics.jsonl"))]
     assert len(steps) == len(set(steps)) and steps == sorted(steps)
+
+
+def test_sigterm_saves_exits_nonzero_and_resumes(tmp_path, straight):
+    stopped = str(tmp_path / "stopped")
+    proc = start_and_wait_for_checkpoint(stopped, 10)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "stopped by a signal after step" in err and "Rerun the same command to resume" in err
+    step = int(re.search(r"stopped by a signal after step (\d+)", err).group(1))
+    assert os.path.exists(os.path.join(stopped, "reference", "checkpoints", str(step), "params"))
+    resumed = subprocess.run(cli(stopped), env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same(straight, final_weights(stopped))

@@ -1,0 +1,54 @@
+"""Config validation: every bad setting is refused before any compute, naming the key."""
+import json
+import os
+
+import pytest
+
+from conftest import tiny_config
+from sftmix_jax import main
+
+
+@pytest.mark.parametrize("overrides,devices,message", [
+    ({"train.batch_size": 15}, 1, r"SFTMix needs an even number of rows"),
+    ({"train.batch_size": 12}, 8, r"config.train.batch_size=12 .* divisible by the data-parallel size data\*fsdp=8"),
+    ({"train.batch_size": 16, "train.grad_accum": 3}, 1, r"multiple of config.train.grad_accum=3"),
+    ({"mesh.fsdp": 3}, 8, r"8 devices cannot be split into data=-1 fsdp=3 tensor=1"),
+    ({"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 1}, 8, r"data\*fsdp\*tensor = 2\*2\*1 = 4 but there are 8 devices"),
+    ({"sftmix.mu": -0.1}, 1, r"config.sftmix.mu=-0.1 must be >= 0"),
+    ({"sftmix.alpha": 0.0}, 1, r"config.sftmix.alpha=0.0 must be > 0"),
+    ({"sftmix.ntp": False, "sftmix.mu": 0.0}, 1, r"leaves no loss"),
+    ({"reference.checkpoints": 1}, 1, r"config.reference.checkpoints=1: the confidence replay needs >= 2"),
+    ({"data.fields.output": ""}, 1, r"config.data.fields.output is empty"),
+    ({"data.format": "csv"}, 1, r"config.data.format='csv'"),
+    ({"confidence.split": "median"}, 1, r"config.confidence.split='median'"),
+    ({"evaluate.batch_size": 12}, 8, r"config.evaluate.batch_size=12 must be divisible"),
+])
+def test_bad_config_is_refused_naming_the_key(overrides, devices, message):
+    with pytest.raises(ValueError, match=message):
+        main.validate(tiny_config(**overrides), main.STAGES, devices)
+
+
+def test_good_config_passes():
+    main.validate(tiny_config(), main.STAGES, 8)
+    main.validate(tiny_config(**{"mesh.fsdp": 4, "mesh.tensor": 2}), main.STAGES, 8)
+
+
+def test_unknown_stage():
+    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['replay'\]"):
+        main.parse_stages("reference,replay")
+
+
+def test_validation_runs_before_any_compute(tmp_path):
+    with pytest.raises(ValueError, match="alpha"):
+        main.run_stages(tiny_config(**{"sftmix.alpha": -1.0}), str(tmp_path))
+    assert not os.path.exists(tmp_path / "reference")
+
+
+def test_reference_checkpoints_gone(tmp_path):
+    """A reference stage marked done whose replay checkpoints were deleted: a clear error."""
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "reference" / "done.json").write_text(json.dumps({"replay_steps": [8, 16, 24]}))
+    (tmp_path / "reference" / "checkpoints").mkdir()
+    config = tiny_config(stages="confidence")
+    with pytest.raises(FileNotFoundError, match=r"reference checkpoint 8 is gone .* rerun the reference stage"):
+        main.run_stages(config, str(tmp_path))
