@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import os
 from typing import Iterator, Sequence
 
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from sftmix_jax import synthetic
 
@@ -86,6 +88,8 @@ def _message(role, content) -> dict:
 
 def row_to_messages(row: dict, fmt: str, fields) -> list[dict]:
     """One row -> [{'role', 'content'}], ending at the last assistant turn; raises BadRow."""
+    if _INVALID in row:
+        raise BadRow("invalid_json")
     if fmt == "alpaca":
         instruction = _get(row, fields.instruction, allow_none=False)
         inp = row.get(fields.input) or ""
@@ -206,15 +210,46 @@ def mask_turns(encoded: list[list[int]], eos_id: int | None = None):
 # Loading
 # ----------------------------------------------------------------------------------------
 
+_INVALID = "__invalid_json_line__"  # marks a JSONL line that did not parse: a counted bad row
+
+
+def _read_json(path: str) -> list[dict]:
+    """Local (or gs://) JSON list or JSONL, read row by row: errors name the line, a corrupt
+    JSONL line becomes a counted bad row, and rows may differ in their fields or types
+    (where datasets' Arrow loader would fail on the whole file with a schema error)."""
+    text = epath.Path(path).read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"{path} is empty: expected a JSON list of rows or one JSON object per line")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    rows.append({_INVALID: n})
+    bad = [i for i, r in enumerate(rows) if not isinstance(r, dict)]
+    if bad:
+        raise ValueError(f"{path}: rows must be JSON objects; rows {bad[:10]} are not")
+    return rows
+
+
 def _read_rows(source: str, default_split: str) -> list[dict]:
     import datasets  # Imported here: slow, and unused by the synthetic source.
 
     lower = source.lower()
     if lower.endswith((".json", ".jsonl")):
-        ds = datasets.load_dataset("json", data_files=source, split="train")
-    elif lower.endswith(".parquet"):
+        return _read_json(source)
+    if lower.endswith(".parquet"):
         ds = datasets.load_dataset("parquet", data_files=source, split="train")
     else:  # A hub id or a local dataset directory; 'id:split' picks a split.
+        if os.path.exists(source) and not os.path.isdir(source):
+            raise ValueError(f"{source}: unknown file type; use .json, .jsonl or .parquet")
         name, split = source, default_split
         if not os.path.exists(source) and ":" in source:
             name, split = source.rsplit(":", 1)
@@ -410,7 +445,8 @@ class TrainBatches(_Batches):
                  *, pad_id: int = 0):
         super().__init__(examples, batch_size, seed, buckets, process_index, process_count, pad_id)
         if len(examples) < batch_size:
-            raise ValueError(f"{len(examples)} examples < batch_size={batch_size}")
+            raise ValueError(f"the training set has {len(examples)} usable examples, fewer than one batch "
+                             f"(config.train.batch_size={batch_size}): use more data or a smaller batch")
 
     @property
     def steps_per_epoch(self) -> int:
