@@ -70,10 +70,12 @@ def split_micro(batch, accum: int):
     return jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
 
-def make_train_step(graphdef, tx, loss_fn, accum: int = 1, shardings=None):
+def make_train_step(graphdef, tx, loss_fn, accum: int = 1, shardings=None, skip_nonfinite=False):
     """step(params, opt_state, batch, rng) -> (params, opt_state, metrics), jitted and donating.
 
     shardings: (params, opt_state, batch) shardings on a mesh, or None for one device.
+    skip_nonfinite: a step whose loss or gradient norm is not finite leaves the state unchanged
+    (metrics["skipped"] = 1) instead of poisoning the parameters.
     """
 
     def loss_of(params, batch, rng):
@@ -96,11 +98,16 @@ def make_train_step(graphdef, tx, loss_fn, accum: int = 1, shardings=None):
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g_s, loss_s, aux_s))
             (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
             grads, loss, aux = jax.tree.map(lambda x: x / accum, (grads, loss, aux))
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = {**aux, "loss": loss, "grad_norm": optax.global_norm(grads),
-                   "real_tokens": jnp.sum(batch["attention_mask"])}
-        return params, opt_state, metrics
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        grad_norm = optax.global_norm(grads)
+        metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "real_tokens": jnp.sum(batch["attention_mask"])}
+        if skip_nonfinite:
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+            new_params, new_opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
+            metrics["skipped"] = 1 - ok.astype(jnp.int32)
+        return new_params, new_opt_state, metrics
 
     if shardings is None:
         return jax.jit(step, donate_argnums=(0, 1))
@@ -212,13 +219,21 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
     opt_state, p_sh, o_sh = init_optimizer(tx, params, mesh)
     keep = replay_steps(total_steps, num_replay) if num_replay else [total_steps]
     mngr = checkpoint_manager(os.path.join(stage_dir, "checkpoints"), keep_steps=keep, keep_latest=cfg.keep_latest)
-    start = mngr.latest_step() or 0
-    if start:
+    start = 0
+    for step in sorted(mngr.all_steps(), reverse=True):  # newest first; Orbax lists finished saves only
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(params), opt_state=ocp.args.StandardRestore(opt_state)))
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to the one before
+            logging.warning("%s: checkpoint %d is unreadable (%s: %s); falling back to the previous one",
+                            desc, step, type(e).__name__, str(e)[:200])
+            continue
+        params, opt_state, start = restored["params"], restored["opt_state"], step
         logging.info("%s: resuming from step %d", desc, start)
-        restored = mngr.restore(start, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(params), opt_state=ocp.args.StandardRestore(opt_state)))
-        params, opt_state = restored["params"], restored["opt_state"]
-    step_fn = make_train_step(graphdef, tx, loss_fn, cfg.grad_accum, (p_sh, o_sh, sharding.batch_sharding(mesh)))
+        break
+    skip = cfg.get("skip_nonfinite", False)
+    step_fn = make_train_step(graphdef, tx, loss_fn, cfg.grad_accum, (p_sh, o_sh, sharding.batch_sharding(mesh)), skip)
+    skipped = []
     log = MetricsLog(stage_dir, start, enabled=jax.process_index() == 0)
     base_rng = jax.random.key(seed)
 
@@ -240,9 +255,14 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
         """Pull one step's metrics to the host: check, log, advance the bar."""
         step, metrics, rows = pending
         metrics = jax.device_get(metrics)
-        if not np.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {step}; "
-                                     f"example rows of the batch: {rows[rows >= 0][:16].tolist()}")
+        where = f"at step {step}; example rows of the batch: {rows[rows >= 0][:16].tolist()}"
+        if metrics.pop("skipped", 0):
+            skipped.append(step)
+            logging.warning("%s: skipped a batch with non-finite loss %s (%d skipped so far)", desc, where, len(skipped))
+            metrics["skipped_total"] = len(skipped)
+        elif not np.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"non-finite loss {metrics['loss']} {where}. The last checkpoint is "
+                                     "untouched; set config.train.skip_nonfinite=True to skip such batches")
         now = time.perf_counter()
         metrics["tokens_per_s"] = metrics.pop("real_tokens") / max(now - clock[0], 1e-9)
         clock[0] = now
@@ -255,41 +275,40 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
         evaluate(0)
         clock[0] = time.perf_counter()
     stop = watch_signals()
-    pending = None
-    for step in range(start, total_steps):
-        batch = batches.batch(step)  # this host's rows
-        rows = batch.pop("index")
-        params, opt_state, metrics = step_fn(params, opt_state, sharding.global_batch(batch, mesh),
-                                             jax.random.fold_in(base_rng, step))
-        if pending is not None:  # the previous step's metrics, pulled while this step runs
+    try:  # on any error, let checkpoint writes in flight finish: nothing lost on a crash
+        pending = None
+        for step in range(start, total_steps):
+            batch = batches.batch(step)  # this host's rows
+            rows = batch.pop("index")
+            params, opt_state, metrics = step_fn(params, opt_state, sharding.global_batch(batch, mesh),
+                                                 jax.random.fold_in(base_rng, step))
+            if pending is not None:  # the previous step's metrics, pulled while this step runs
+                flush(pending)
+            pending = (step + 1, metrics, rows)
+            done = step + 1
+            # Preemption: one host alone sees the signal; Orbax's sync point makes all stop at one step.
+            preempted = stop.signaled if jax.process_count() == 1 else mngr.reached_preemption(done)
+            must_save = done % cfg.save_every == 0 or done in keep or done == total_steps or preempted
+            must_eval = bool(eval_examples) and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps)
+            if must_save or must_eval:
+                flush(pending)
+                pending = None
+                if must_save:
+                    save(done)
+                if must_eval:
+                    bar.set_postfix_str(f"eval_loss={evaluate(done)['loss']:.4f}", refresh=False)
+                clock[0] = time.perf_counter()  # saving and evals do not count against tokens/s
+            if preempted:
+                raise SystemExit(f"{desc}: stopped by a signal after step {done}; checkpoint saved in "
+                                 f"{stage_dir}/checkpoints. Rerun the same command to resume.")
+        if pending is not None:
             flush(pending)
-        pending = (step + 1, metrics, rows)
-        done = step + 1
-        # Preemption: one host alone sees the signal; Orbax's sync point makes all stop at one step.
-        preempted = stop.signaled if jax.process_count() == 1 else mngr.reached_preemption(done)
-        must_save = done % cfg.save_every == 0 or done in keep or done == total_steps or preempted
-        must_eval = bool(eval_examples) and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps)
-        if must_save or must_eval:
-            flush(pending)
-            pending = None
-            if must_save:
-                save(done)
-            if must_eval:
-                bar.set_postfix_str(f"eval_loss={evaluate(done)['loss']:.4f}", refresh=False)
-            clock[0] = time.perf_counter()  # saving and evals do not count against tokens/s
-        if preempted:
-            bar.close()
-            mngr.wait_until_finished()
-            stop.restore()
-            raise SystemExit(f"{desc}: stopped by a signal after step {done}; checkpoint saved in "
-                             f"{stage_dir}/checkpoints. Rerun the same command to resume.")
-    stop.restore()
-    if pending is not None:
-        flush(pending)
-    bar.close()
-    mngr.wait_until_finished()
-    mngr.close()
-    log.close()
+    finally:
+        stop.restore()
+        bar.close()
+        mngr.wait_until_finished()
+        mngr.close()
+        log.close()
     return nnx.merge(graphdef, params)
 
 

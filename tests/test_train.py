@@ -1,4 +1,7 @@
 """Train step pieces: schedule, decay mask, gradient accumulation, Mixup gradients."""
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -103,3 +106,41 @@ def test_remat_gives_the_same_loss_and_gradients():
         assert abs(float(loss) - float(results[0][0])) < 1e-6
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(results[0][1])):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+class PoisonedBatches:
+    """Four rows of a fixed batch; step 3's weights are NaN, so its loss is not finite."""
+
+    steps_per_epoch = 100
+
+    def batch(self, step):
+        b = make_batch(B=4, seed=step)
+        if step == 3:
+            b["weights"] = b["weights"] * np.nan
+        return b
+
+
+def run_poisoned(tmp_path, skip):
+    cfg = OPT.copy_and_resolve_references()
+    cfg.update(dict(grad_accum=1, save_every=2, eval_every=0, log_every=1, keep_latest=5,
+                    eval_batch_size=4, skip_nonfinite=skip))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    return train.train(str(tmp_path), init_model(CFG), PoisonedBatches(), [], train.ntp_loss_fn(), cfg,
+                       mesh=mesh, seed=0, total_steps=6, desc="poisoned")
+
+
+def test_nonfinite_loss_stops_naming_step_and_rows(tmp_path):
+    import pytest
+
+    with pytest.raises(FloatingPointError, match=r"non-finite loss nan at step 4; example rows of the batch: \[0, 1, 2, 3\]"):
+        run_poisoned(tmp_path, skip=False)
+    # the last good checkpoint (step 2) is there, nothing later
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [2]
+
+
+def test_nonfinite_batches_can_be_skipped_and_counted(tmp_path):
+    model = run_poisoned(tmp_path, skip=True)
+    leaves = jax.tree.leaves(nnx.state(model))
+    assert all(bool(jnp.isfinite(x).all()) for x in leaves)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "skipped_total" in r] == [4]
