@@ -8,8 +8,8 @@ In one run: the jitted NTP and SFTMix steps (AdamW) on the same batch, the forwa
 step, and with --torch the same two steps with transformers' LlamaForCausalLM and torch.optim
 .AdamW on the same shape, batch and machine. Every step is warmed up, then all are timed in
 alternating rounds (`--rounds` x `--steps`) so machine drift hits them alike; medians are
-reported with ratios. --memory measures each step's peak host memory (RSS growth over the
-loaded model) in a fresh subprocess, one per step kind. MFU counts 6*N*tokens (+ attention)
+reported with ratios. --memory measures each step kind's peak host memory in a fresh
+subprocess that runs only that step (peak RSS: runtime, model, optimizer state and the step). MFU counts 6*N*tokens (+ attention)
 against --peak-tflops (default: 0.14, this project's 2-core CPU reference). Not a test.
 """
 import argparse
@@ -167,12 +167,11 @@ def main():
             steps[k] = lambda: jax.block_until_ready(replay_fn(params, eval_batch))
         else:
             steps.update({k: torch_steps(model.cfg, batch)[k]})
-    base_rss = peak_rss_mb()
     for k in kinds:  # compile + warm up
         for _ in range(2):
             steps[k]()
-    if args.only:  # memory subprocess: report and leave
-        print(json.dumps({"peak_mb": peak_rss_mb() - base_rss}))
+    if args.only:  # memory subprocess: its whole peak RSS (runtime + model + this step), then leave
+        print(json.dumps({"peak_mb": peak_rss_mb()}))
         return
     times = {k: [] for k in kinds}
     for _ in range(args.rounds):
@@ -203,7 +202,7 @@ def main():
     print(f"{args.shape}: {n_params / 1e6:.1f}M params, batch {B}x{L} ({tokens} real tokens), "
           f"{res['device']}, {args.dtype}")
     for k in kinds:
-        mem = f"   peak +{res[k]['peak_mb']:7.0f} MB" if "peak_mb" in res[k] else ""
+        mem = f"   peak RSS {res[k]['peak_mb']:7.0f} MB" if "peak_mb" in res[k] else ""
         print(f"  {k:13s} {res[k]['step_ms']:9.1f} ms  {res[k]['tokens_per_s']:9.0f} tokens/s  "
               f"MFU {100 * res[k]['mfu']:5.1f}%{mem}")
     ratios = {"sftmix/ntp step time": res["sftmix"]["step_ms"] / res["ntp"]["step_ms"]}

@@ -80,7 +80,7 @@ run() {
     else words+=("${arg@Q}"); fi
   done
   line="${words[*]}"
-  if [[ -n ${HF_TOKEN:-} ]]; then line=${line//"$HF_TOKEN"/'<HF_TOKEN>'}; fi
+  if [[ -n ${HF_TOKEN:-} ]]; then line=${line//"HF_TOKEN=$HF_TOKEN"/'HF_TOKEN=<HF_TOKEN>'}; fi
   echo "+ $line"
   if [[ $DRY_RUN != 1 ]]; then "$@"; fi
 }
