@@ -113,10 +113,15 @@ def flops_per_token(cfg: ModelConfig, L: int) -> float:
     return 6 * n + 6 * cfg.num_layers * L * N * H
 
 
-def peak_rss_mb() -> float:
-    import resource
+def reset_peak_rss() -> None:
+    """Linux: restart the peak-RSS counter (VmHWM) at the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def main():
@@ -136,41 +141,45 @@ def main():
     p.add_argument("--only", default="", help=argparse.SUPPRESS)  # one step kind: the memory subprocess
     args = p.parse_args()
     B, L = args.batch or DEFAULT_BATCH[args.shape][0], args.seq or DEFAULT_BATCH[args.shape][1]
-    if args.model:
-        model = hf.load_pretrained(args.model, dtype=args.dtype)
-    else:
-        model = init_model(ModelConfig(**SHAPES[args.shape], dtype=args.dtype))
-    graphdef, params = nnx.split(model)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(B, L, model.cfg.vocab_size).items()}
-    chunk = args.ce_chunk or None
-    tx, _ = train.make_optimizer(OPT, 1000)
-    jax_fns = {
-        "ntp": train.make_train_step(graphdef, tx, train.ntp_loss_fn(chunk)),
-        "sftmix": train.make_train_step(graphdef, tx, train.sftmix_loss_fn(0.2, 0.5, False, True, chunk)),
-    }
-    replay_fn = jax.jit(lambda state, b: evaluate._example_nll(graphdef, state, b))
     kinds = ["ntp", "sftmix", "replay"] + (["torch_ntp", "torch_sftmix"] if args.torch else [])
-    if args.only:
-        kinds = [args.only]
-    steps = {}
-    for k in kinds:
-        if k in jax_fns:
-            state = [jax.tree.map(jnp.array, params), tx.init(params)]
+    kinds = [args.only] if args.only else kinds
+    cfg = (hf.model_config(ml_collections.ConfigDict(dict(source=args.model, dtype=args.dtype, param_dtype="float32",
+                                                          remat="none"))) if args.model
+           else ModelConfig(**SHAPES[args.shape], dtype=args.dtype))
+    np_batch = synthetic_batch(B, L, cfg.vocab_size)
+    steps, n_params = {}, 0
+    if any(not k.startswith("torch") for k in kinds):  # a torch-only subprocess holds no JAX model
+        model = hf.load_pretrained(args.model, dtype=args.dtype) if args.model else init_model(cfg)
+        graphdef, params = nnx.split(model)
+        n_params = sum(x.size for x in jax.tree.leaves(params))
+        batch = {k: jnp.asarray(v) for k, v in np_batch.items()}
+        chunk = args.ce_chunk or None
+        tx, _ = train.make_optimizer(OPT, 1000)
+        jax_fns = {
+            "ntp": train.make_train_step(graphdef, tx, train.ntp_loss_fn(chunk)),
+            "sftmix": train.make_train_step(graphdef, tx, train.sftmix_loss_fn(0.2, 0.5, False, True, chunk)),
+        }
+        replay_fn = jax.jit(lambda state, b: evaluate._example_nll(graphdef, state, b))
+        for k in kinds:
+            if k in jax_fns:
+                state = [jax.tree.map(jnp.array, params), tx.init(params)]
 
-            def run(fn=jax_fns[k], state=state):
-                state[0], state[1], m = fn(state[0], state[1], batch, jax.random.key(0))
-                jax.block_until_ready(m)
-            steps[k] = run
-        elif k == "replay":
-            eval_batch = {k2: batch[k2] for k2 in ("input_ids", "targets", "weights")}
-            steps[k] = lambda: jax.block_until_ready(replay_fn(params, eval_batch))
-        else:
-            steps.update({k: torch_steps(model.cfg, batch)[k]})
+                def run(fn=jax_fns[k], state=state):
+                    state[0], state[1], m = fn(state[0], state[1], batch, jax.random.key(0))
+                    jax.block_until_ready(m)
+                steps[k] = run
+            elif k == "replay":
+                eval_batch = {k2: batch[k2] for k2 in ("input_ids", "targets", "weights")}
+                steps[k] = lambda: jax.block_until_ready(replay_fn(params, eval_batch))
+    if any(k.startswith("torch") for k in kinds):
+        steps.update({k: v for k, v in torch_steps(cfg, np_batch).items() if k in kinds})
     for k in kinds:  # compile + warm up
         for _ in range(2):
             steps[k]()
-    if args.only:  # memory subprocess: its whole peak RSS (runtime + model + this step), then leave
+    if args.only:  # memory subprocess: peak RSS over two more steps (model + state resident)
+        reset_peak_rss()
+        for _ in range(2):
+            steps[args.only]()
         print(json.dumps({"peak_mb": peak_rss_mb()}))
         return
     times = {k: [] for k in kinds}
@@ -180,9 +189,9 @@ def main():
                 t = time.perf_counter()
                 steps[k]()
                 times[k].append(time.perf_counter() - t)
-    tokens = int(batch["attention_mask"].sum())
+    tokens = int(np_batch["attention_mask"].sum())
     padded = B * L
-    fpt = flops_per_token(model.cfg, L)
+    fpt = flops_per_token(cfg, L)
     res = {"device": str(jax.devices()[0].device_kind), "shape": args.shape, "params": int(n_params),
            "batch": [B, L], "real_tokens": tokens, "dtype": args.dtype, "peak_tflops": args.peak_tflops}
     for k in kinds:
