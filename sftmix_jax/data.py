@@ -342,6 +342,15 @@ def _convert(rows, fmt, fields, tokenizer, cfg, what: str, stats: dict, chunk: i
     return out
 
 
+def check_template_fits(cfg, tokenizer) -> None:
+    """Refuse a max_length that the prompt template alone fills: every row would be dropped."""
+    minimal = [dict(role="user", content="x", instruction="x", input=""), dict(role="assistant", content="y")]
+    n = len(tokenizer(_render(tokenizer, cfg.template, minimal, False), add_special_tokens=cfg.template == "alpaca")["input_ids"])
+    if n >= cfg.max_length:
+        raise ValueError(f"config.data.max_length={cfg.max_length} is too short: the {cfg.template!r} template "
+                         f"alone takes {n} tokens for a one-character instruction and answer")
+
+
 def load_examples(cfg: ml_collections.ConfigDict, tokenizer, seed: int):
     """-> (train, held_out, stats); both lists keep file order.
 
@@ -351,6 +360,7 @@ def load_examples(cfg: ml_collections.ConfigDict, tokenizer, seed: int):
     synthetic.num_eval rows, generated after (and distinct from) the training rows.
     """
     stats = {"rows": 0, "bad": {}, "bad_ids": {}, "truncated": 0, "dropped_too_long": 0}
+    check_template_fits(cfg, tokenizer)
     if cfg.source == "synthetic":
         s = cfg.synthetic
         rows = synthetic.generate(s.num_train + s.num_eval, s.seed)

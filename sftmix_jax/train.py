@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 from tqdm.auto import tqdm
 
@@ -225,8 +226,14 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
             restored = mngr.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(params), opt_state=ocp.args.StandardRestore(opt_state)))
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to the one before
-            logging.warning("%s: checkpoint %d is unreadable (%s: %s); falling back to the previous one",
-                            desc, step, type(e).__name__, str(e)[:200])
+            logging.warning("%s: checkpoint %d is unreadable (%s: %s); falling back to the previous one "
+                            "and keeping it as %d.unreadable", desc, step, type(e).__name__, str(e)[:200], step)
+            if jax.process_index() == 0:  # out of Orbax's sight, so the step can be saved anew
+                bad = _abs(os.path.join(stage_dir, "checkpoints", str(step)))
+                bad.rename(bad.parent / f"{step}.unreadable.{int(time.time())}")
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("checkpoint fallback")
+            mngr.reload()
             continue
         params, opt_state, start = restored["params"], restored["opt_state"], step
         logging.info("%s: resuming from step %d", desc, start)

@@ -144,3 +144,33 @@ def test_nonfinite_batches_can_be_skipped_and_counted(tmp_path):
     assert all(bool(jnp.isfinite(x).all()) for x in leaves)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows if "skipped_total" in r] == [4]
+
+
+class CleanBatches(PoisonedBatches):
+    def batch(self, step):
+        return make_batch(B=4, seed=step)
+
+
+def run_clean(tmp_path, steps):
+    cfg = OPT.copy_and_resolve_references()
+    cfg.update(dict(grad_accum=1, save_every=2, eval_every=0, log_every=1, keep_latest=5, eval_batch_size=4))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    return train.train(str(tmp_path), init_model(CFG), CleanBatches(), [], train.ntp_loss_fn(), cfg,
+                       mesh=mesh, seed=0, total_steps=steps, desc="clean")
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+    straight = nnx.state(run_clean(tmp_path / "straight", 6))
+    run_clean(tmp_path / "broken", 6)  # checkpoints 2, 4, 6: drop 6, corrupt 4, expect a restart from 2
+    import shutil
+
+    shutil.rmtree(tmp_path / "broken" / "checkpoints" / "6")
+    for f in (tmp_path / "broken" / "checkpoints" / "4" / "params").rglob("*"):
+        if f.is_file():  # truncate every data and metadata file of the newest checkpoint
+            f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 3])
+    with caplog.at_level("WARNING"):
+        resumed = nnx.state(run_clean(tmp_path / "broken", 6))
+    assert "checkpoint 4 is unreadable" in caplog.text and "falling back" in caplog.text
+    assert any(d.startswith("4.unreadable") for d in os.listdir(tmp_path / "broken" / "checkpoints"))
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
