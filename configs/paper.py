@@ -71,7 +71,8 @@ def get_config(arg="llama31_8b_alpaca"):
         epochs=epochs, steps=0, batch_size=32, grad_accum=1,
         lr=2e-6, min_lr_ratio=0.0, warmup_ratio=0.1, weight_decay=0.1, grad_clip=1.0,
         b1=0.9, b2=0.999, eps=1e-8, ce_chunk=256,
-        log_every=10, eval_every=500, eval_batch_size=64, save_every=500, keep_latest=2))
+        log_every=10, eval_every=500, eval_batch_size=64, save_every=500, keep_latest=2,
+        skip_nonfinite=False))  # True: skip (and count) batches whose loss is not finite
     c.reference = ml_collections.ConfigDict(dict(
         model_source="meta-llama/Llama-3.2-1B" if arg.endswith("_w2s") else "", checkpoints=3))
     c.confidence = ml_collections.ConfigDict(dict(batch_size=128, split="confidence"))

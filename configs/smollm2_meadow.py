@@ -50,7 +50,8 @@ def get_config(arg=None):
         epochs=1.0, steps=0, batch_size=8, grad_accum=1,
         lr=1e-5, min_lr_ratio=0.1, warmup_ratio=0.1, weight_decay=0.1, grad_clip=1.0,
         b1=0.9, b2=0.95, eps=1e-8, ce_chunk=0,
-        log_every=1, eval_every=10, eval_batch_size=8, save_every=10, keep_latest=2))
+        log_every=1, eval_every=10, eval_batch_size=8, save_every=10, keep_latest=2,
+        skip_nonfinite=False))  # True: skip (and count) batches whose loss is not finite
     c.reference = ml_collections.ConfigDict(dict(model_source="", checkpoints=3))
     c.confidence = ml_collections.ConfigDict(dict(batch_size=16, split="confidence"))
     c.sftmix = ml_collections.ConfigDict(dict(mu=0.2, alpha=0.5, per_pair=False, ntp=True))

@@ -38,7 +38,8 @@ def get_config(arg=None):
         lr=3e-3, min_lr_ratio=0.1, warmup_ratio=0.1, weight_decay=0.1, grad_clip=1.0,
         b1=0.9, b2=0.95, eps=1e-8,
         ce_chunk=0,  # >0: cross-entropy over sequence chunks of this size
-        log_every=10, eval_every=200, eval_batch_size=64, save_every=200, keep_latest=2))
+        log_every=10, eval_every=200, eval_batch_size=64, save_every=200, keep_latest=2,
+        skip_nonfinite=False))  # True: skip (and count) batches whose loss is not finite
 
     c.reference = ml_collections.ConfigDict(dict(
         model_source="",  # '' = config.model; else a (smaller) HF model: weak-to-strong
