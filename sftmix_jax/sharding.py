@@ -140,6 +140,3 @@ def host_rows(batch: dict) -> dict:
     n, p = jax.process_count(), jax.process_index()
     return {k: np.array_split(v, n)[p] for k, v in batch.items()} if n > 1 else batch
 
-
-def batch_divisor(mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
