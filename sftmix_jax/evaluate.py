@@ -44,16 +44,14 @@ def example_nll(model, examples, batch_size, buckets, pad_id=0, mesh=None, desc=
     total = -(-len(examples) // batch_size)
     for batch in tqdm(eval_batches(examples, batch_size, buckets, pad_id=pad_id), total=total, desc=desc,
                       disable=desc is None or jax.process_index() != 0, leave=False):
-        index = batch.pop("index")
+        index, rows = batch["index"], batch["index"] >= 0
         batch = {k: batch[k] for k in ("input_ids", "targets", "weights")}
         if mesh is not None:
             with jax.set_mesh(mesh):
                 s, c = _example_nll(graphdef, state, sharding.global_batch(sharding.host_rows(batch), mesh))
         else:
             s, c = _example_nll(graphdef, state, batch)
-        batch["index"] = index
-        rows = batch["index"] >= 0
-        nll[batch["index"][rows]], count[batch["index"][rows]] = np.asarray(s)[rows], np.asarray(c)[rows]
+        nll[index[rows]], count[index[rows]] = np.asarray(s)[rows], np.asarray(c)[rows]
     return nll, count
 
 

@@ -212,8 +212,9 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
           num_replay=0, pad_id=0, buckets=(512,), desc="train"):
     """Train `model` in place for `total_steps`, resuming from stage_dir/checkpoints if present.
 
-    cfg: config.train (lr, schedule, batch, accumulation, intervals). Returns the model with the
-    final parameters. Saves at every cfg.save_every steps, at the C replay steps and at the end.
+    cfg: config.train (lr, schedule, batch, accumulation, intervals). Returns (model with the final
+    parameters, held-out metrics at the final step or None if not evaluated there). Saves at every
+    cfg.save_every steps, at the C replay steps and at the end.
     """
     graphdef, params = nnx.split(model)  # already sharded over `mesh` by hf.load_model
     tx, schedule = make_optimizer(cfg, total_steps)
@@ -249,10 +250,13 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave({"step": step, "epoch": step / batches.steps_per_epoch})), force=True)
 
+    evals = {}
+
     def evaluate(step):
-        ev = heldout_loss(nnx.merge(graphdef, params), eval_examples, cfg.eval_batch_size, buckets, pad_id, mesh)
-        log.write(step, {f"eval_{k}": v for k, v in ev.items()})
-        return ev
+        evals[step] = heldout_loss(nnx.merge(graphdef, params), eval_examples, cfg.eval_batch_size, buckets,
+                                   pad_id, mesh)
+        log.write(step, {f"eval_{k}": v for k, v in evals[step].items()})
+        return evals[step]
 
     bar = tqdm(total=total_steps, initial=start, desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0,
                mininterval=0.2 if sys.stderr.isatty() else 15)  # log files get a line per 15 s
@@ -316,7 +320,7 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
         mngr.wait_until_finished()
         mngr.close()
         log.close()
-    return nnx.merge(graphdef, params)
+    return nnx.merge(graphdef, params), evals.get(total_steps)
 
 
 # ----------------------------------------------------------------------------------------
@@ -326,14 +330,18 @@ def total_steps(cfg, steps_per_epoch: int) -> int:
     return cfg.steps if cfg.steps > 0 else max(1, int(round(cfg.epochs * steps_per_epoch)))
 
 
-def _finish(run, stage, model, held_out) -> dict:
-    """Export the final model in HF format and return the stage's summary."""
+def _finish(run, stage, model, held_out, ev) -> dict:
+    """Export the final model in HF format and return the stage's summary.
+
+    ev: the loop's held-out metrics at the final step; computed here only when the loop had none
+    (evals off, or a rerun that found the final checkpoint already saved)."""
     from sftmix_jax import hf
 
     c = run.config
     if jax.process_index() == 0:
         hf.save_pretrained(model, os.path.join(run.stage_dir(stage), "hf"), tokenizer=run.tokenizer)
-    ev = heldout_loss(model, held_out, c.train.eval_batch_size, c.data.buckets, run.pad_id, run.mesh) if held_out else {}
+    if ev is None:
+        ev = heldout_loss(model, held_out, c.train.eval_batch_size, c.data.buckets, run.pad_id, run.mesh) if held_out else {}
     logging.info("%s: final held-out %s", stage, ev)
     return {"heldout": ev}
 
@@ -350,10 +358,10 @@ def run_reference(run) -> dict:
     batches = TrainBatches(train_ex, c.train.batch_size, c.seed, c.data.buckets,
                            jax.process_index(), jax.process_count(), pad_id=run.pad_id)
     steps = total_steps(c.train, batches.steps_per_epoch)
-    model = train(run.stage_dir("reference"), model, batches, held_out, ntp_loss_fn(c.train.ce_chunk or None),
+    model, ev = train(run.stage_dir("reference"), model, batches, held_out, ntp_loss_fn(c.train.ce_chunk or None),
                   c.train, mesh=run.mesh, seed=c.seed, total_steps=steps, num_replay=c.reference.checkpoints,
                   pad_id=run.pad_id, buckets=c.data.buckets, desc="reference")
-    return {**_finish(run, "reference", model, held_out), "steps": steps,
+    return {**_finish(run, "reference", model, held_out, ev), "steps": steps,
             "replay_steps": replay_steps(steps, c.reference.checkpoints)}
 
 
@@ -371,6 +379,6 @@ def run_sftmix(run) -> dict:
     steps = total_steps(c.train, batches.steps_per_epoch)
     s = c.sftmix
     loss_fn = sftmix_loss_fn(s.mu, s.alpha, s.per_pair, s.ntp, c.train.ce_chunk or None)
-    model = train(run.stage_dir("sftmix"), model, batches, held_out, loss_fn, c.train, mesh=run.mesh, seed=c.seed,
+    model, ev = train(run.stage_dir("sftmix"), model, batches, held_out, loss_fn, c.train, mesh=run.mesh, seed=c.seed,
                   total_steps=steps, pad_id=run.pad_id, buckets=c.data.buckets, desc="sftmix")
-    return {**_finish(run, "sftmix", model, held_out), "steps": steps}
+    return {**_finish(run, "sftmix", model, held_out, ev), "steps": steps}

@@ -126,7 +126,7 @@ def run_poisoned(tmp_path, skip):
                     eval_batch_size=4, skip_nonfinite=skip))
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     return train.train(str(tmp_path), init_model(CFG), PoisonedBatches(), [], train.ntp_loss_fn(), cfg,
-                       mesh=mesh, seed=0, total_steps=6, desc="poisoned")
+                       mesh=mesh, seed=0, total_steps=6, desc="poisoned")[0]
 
 
 def test_nonfinite_loss_stops_naming_step_and_rows(tmp_path):
@@ -156,7 +156,7 @@ def run_clean(tmp_path, steps):
     cfg.update(dict(grad_accum=1, save_every=2, eval_every=0, log_every=1, keep_latest=5, eval_batch_size=4))
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     return train.train(str(tmp_path), init_model(CFG), CleanBatches(), [], train.ntp_loss_fn(), cfg,
-                       mesh=mesh, seed=0, total_steps=steps, desc="clean")
+                       mesh=mesh, seed=0, total_steps=steps, desc="clean")[0]
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
