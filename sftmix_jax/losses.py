@@ -17,8 +17,8 @@ Head = Callable[[jax.Array], jax.Array]
 
 
 def cross_entropy(logits_V: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-token NLL, logsumexp(logits) - logits[target], in float32 (logits may be bf16)."""
-    logits_V = logits_V.astype(jnp.float32)
+    """Per-token NLL, logsumexp(logits) - logits[target], in float32 at least (logits may be bf16)."""
+    logits_V = logits_V.astype(jnp.promote_types(logits_V.dtype, jnp.float32))
     lse = jax.nn.logsumexp(logits_V, axis=-1)  # stable: subtracts the max internally
     tgt = jnp.take_along_axis(logits_V, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return lse - tgt
@@ -84,6 +84,28 @@ def align_responses(h_BLD, targets_BL, weights_BL, max_tokens: int | None = None
     return h_BND, targets_BN, count_B
 
 
+@jax.custom_vjp
+def permute_rows(x_BLV, idx_BL):
+    """x_BLV[b, idx_BL[b, l]] for a permutation idx_BL of each row's L positions.
+
+    The gradient is the inverse permutation, a gather too: XLA's default transpose of a gather
+    is a scatter-add, slow on CPU at vocabulary width.
+    """
+    return jnp.take_along_axis(x_BLV, idx_BL[:, :, None], axis=1)
+
+
+def _permute_fwd(x_BLV, idx_BL):
+    return permute_rows(x_BLV, idx_BL), idx_BL
+
+
+def _permute_bwd(idx_BL, g_BLV):
+    inverse_BL = jnp.argsort(idx_BL, axis=1)
+    return jnp.take_along_axis(g_BLV, inverse_BL[:, :, None], axis=1), None
+
+
+permute_rows.defvjp(_permute_fwd, _permute_bwd)
+
+
 def _num_pairs(B: int) -> int:
     if B % 2:
         raise ValueError(f"SFTMix needs an even batch (B/2 confident + B/2 unconfident), got B={B}")
@@ -104,13 +126,42 @@ def mixup_loss(h_BLD, head: Head, targets_BL, weights_BL, lam_K,
     M_K = jnp.minimum(count_B[0::2], count_B[1::2])
     valid_KN = (jnp.arange(N)[None, :] < M_K[:, None]).astype(jnp.float32)
     lam_K11 = lam_K[:, None, None]
-    # Mix in float32, then back to the model's activation dtype so the head sees what it expects.
-    z_KND = (lam_K11 * h_BND[0::2].astype(jnp.float32)
-             + (1.0 - lam_K11) * h_BND[1::2].astype(jnp.float32)).astype(h_BLD.dtype)
+    # Mix in float32 (at least), then back to the activation dtype so the head sees what it expects.
+    acc = jnp.promote_types(h_BND.dtype, jnp.float32)
+    z_KND = (lam_K11 * h_BND[0::2].astype(acc) + (1.0 - lam_K11) * h_BND[1::2].astype(acc)).astype(h_BLD.dtype)
     # Soft-label CE is linear in the label: lam*CE(y_c) + (1-lam)*CE(y_u), masked to n < M_k.
     w_c_KN = lam_K[:, None] * valid_KN
     w_u_KN = (1.0 - lam_K[:, None]) * valid_KN
     total = _chunked_ce_sum(z_KND, head, [y_BN[0::2], y_BN[1::2]], [w_c_KN, w_u_KN], chunk)
+    count = jnp.sum(M_K).astype(jnp.float32)
+    loss = total / jnp.maximum(count, 1.0)
+    return loss, {"mixup_loss": loss, "mixup_tokens": count}
+
+
+def mixup_loss_from_logits(logits_BLV, targets_BL, weights_BL, lam_K, max_tokens: int | None = None):
+    """mixup_loss from the batch's logits: the head is linear, so W z~ = lam*W h_c + (1-lam)*W h_u.
+
+    Mixing the already computed logits of the two rows gives the logits of the mixed hidden
+    state without a second head matmul (the costliest part of Mixup at a large vocabulary);
+    gradients are the same, since the gather and the mix are linear too.
+    """
+    K = _num_pairs(logits_BLV.shape[0])
+    lam_K = jnp.broadcast_to(jnp.asarray(lam_K, jnp.float32), (K,))
+    L = logits_BLV.shape[1]
+    N = L if max_tokens is None else int(max_tokens)
+    # align_responses' order, applied as a full permutation of L (cheap gradient), then cut to N
+    idx_BL = jnp.argsort(jnp.logical_not(weights_BL > 0).astype(jnp.int32), axis=1, stable=True)
+    logits_BNV = permute_rows(logits_BLV, idx_BL)[:, :N]
+    y_BN = jnp.take_along_axis(targets_BL, idx_BL, axis=1)[:, :N]
+    count_B = jnp.minimum(jnp.sum(weights_BL > 0, axis=1, dtype=jnp.int32), N)
+    M_K = jnp.minimum(count_B[0::2], count_B[1::2])
+    valid_KN = (jnp.arange(N)[None, :] < M_K[:, None]).astype(jnp.float32)
+    lam_K11 = lam_K[:, None, None]
+    acc = jnp.promote_types(logits_BNV.dtype, jnp.float32)
+    mixed_KNV = lam_K11 * logits_BNV[0::2].astype(acc) + (1.0 - lam_K11) * logits_BNV[1::2].astype(acc)
+    lam_K1 = lam_K[:, None]
+    total = (jnp.sum(lam_K1 * valid_KN * cross_entropy(mixed_KNV, y_BN[0::2]))
+             + jnp.sum((1.0 - lam_K1) * valid_KN * cross_entropy(mixed_KNV, y_BN[1::2])))
     count = jnp.sum(M_K).astype(jnp.float32)
     loss = total / jnp.maximum(count, 1.0)
     return loss, {"mixup_loss": loss, "mixup_tokens": count}
@@ -129,10 +180,16 @@ def sftmix_loss(h_BLD, head: Head, targets_BL, weights_BL, rng, *, mu: float = 0
     """Total SFTMix loss = NTP (all B rows; skipped when ntp=False, "Mixup only") + mu * Mixup."""
     K = _num_pairs(h_BLD.shape[0])
     lam_K = jax.lax.stop_gradient(sample_lambda(rng, alpha, K, per_pair))
-    mix, aux = mixup_loss(h_BLD, head, targets_BL, weights_BL, lam_K, max_tokens, chunk)
+    if chunk is None:  # one head call: NTP and Mixup both read the batch's logits
+        logits_BLV = head(h_BLD)
+        mix, aux = mixup_loss_from_logits(logits_BLV, targets_BL, weights_BL, lam_K, max_tokens)
+        ntp_fn = lambda: ntp_loss(logits_BLV, lambda x: x, targets_BL, weights_BL)  # noqa: E731
+    else:  # chunked: never all logits at once, so Mixup runs the head on the mixed states
+        mix, aux = mixup_loss(h_BLD, head, targets_BL, weights_BL, lam_K, max_tokens, chunk)
+        ntp_fn = lambda: ntp_loss(h_BLD, head, targets_BL, weights_BL, chunk)  # noqa: E731
     loss = mu * mix
     if ntp:
-        ntp_val, ntp_aux = ntp_loss(h_BLD, head, targets_BL, weights_BL, chunk)
+        ntp_val, ntp_aux = ntp_fn()
         loss = loss + ntp_val
         aux = {**aux, **ntp_aux}
     return loss, {**aux, "lambda_mean": jnp.mean(lam_K), "loss": loss}

@@ -205,23 +205,42 @@ def test_mixup_bf16_head_upcasts():
     assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
 
 
-@pytest.mark.parametrize("per_pair", [False, True])
-def test_sftmix_is_ntp_plus_mu_mixup(per_pair):
+@pytest.mark.parametrize("per_pair,chunk", [(False, None), (True, None), (False, 4)])
+def test_sftmix_is_ntp_plus_mu_mixup(per_pair, chunk):
+    """chunk=None mixes the logits (head linearity), chunk=4 runs the head on mixed states: both
+    against the NumPy loop that mixes hidden states."""
     h, W, t, w = make_batch(10, SPECS, L)
     args = (jnp.asarray(h), head_of(W), jnp.asarray(t), jnp.asarray(w))
     rng = jax.random.key(3)
     lam = losses.sample_lambda(rng, 0.5, 4, per_pair)
     ntp = np_ntp(h.astype(np.float64), W.astype(np.float64), t, w)
     mix = np_mixup(h.astype(np.float64), W.astype(np.float64), t, w, np.asarray(lam, np.float64))
-    loss, aux = losses.sftmix_loss(*args, rng, mu=0.2, alpha=0.5, per_pair=per_pair)
+    loss, aux = losses.sftmix_loss(*args, rng, mu=0.2, alpha=0.5, per_pair=per_pair, chunk=chunk)
     np.testing.assert_allclose(float(loss), ntp + 0.2 * mix, rtol=1e-5)
     np.testing.assert_allclose(float(aux["ntp_loss"]), ntp, rtol=1e-5)
     np.testing.assert_allclose(float(aux["mixup_loss"]), mix, rtol=1e-5)
     np.testing.assert_allclose(float(aux["lambda_mean"]), float(np.mean(lam)), rtol=1e-6)
     assert float(aux["loss"]) == float(loss)
-    only, aux2 = losses.sftmix_loss(*args, rng, mu=1.0, ntp=False, per_pair=per_pair)
+    only, aux2 = losses.sftmix_loss(*args, rng, mu=1.0, ntp=False, per_pair=per_pair, chunk=chunk)
     np.testing.assert_allclose(float(only), mix, rtol=1e-5)
     assert "ntp_loss" not in aux2
+
+
+def test_mixed_logits_give_the_gradients_of_mixed_states():
+    """d loss / d h and d loss / d W: logit mixing (chunk=None) == hidden-state mixing (chunk)."""
+    h, W, t, w = make_batch(12, SPECS, L)
+
+    def total(h, W, chunk):
+        return losses.sftmix_loss(h, lambda x: x @ W, jnp.asarray(t), jnp.asarray(w), jax.random.key(5),
+                                  mu=0.7, per_pair=True, chunk=chunk)[0]
+
+    g_logits = jax.grad(total, (0, 1))(jnp.asarray(h), jnp.asarray(W), None)
+    g_states = jax.grad(total, (0, 1))(jnp.asarray(h), jnp.asarray(W), L)  # chunk = L: h path, one piece
+    g_chunks = jax.grad(total, (0, 1))(jnp.asarray(h), jnp.asarray(W), 4)
+    for a, b, c in zip(g_logits, g_states, g_chunks):
+        assert np.abs(np.asarray(a)).max() > 1e-3
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5)
 
 
 def test_sftmix_odd_batch_raises():
