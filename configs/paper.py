@@ -35,7 +35,7 @@ Gated models (Llama) need HF_TOKEN on every host.
 """
 import ml_collections
 
-from sftmix_jax import data
+from sftmix_jax import data, lora
 
 EXPERIMENTS = {
     "llama31_8b_alpaca": ("meta-llama/Llama-3.1-8B", "tatsu-lab/alpaca", "alpaca", 3.0),
@@ -72,11 +72,22 @@ def get_config(arg="llama31_8b_alpaca"):
         lr=2e-6, min_lr_ratio=0.0, warmup_ratio=0.1, weight_decay=0.1, grad_clip=1.0,
         b1=0.9, b2=0.999, eps=1e-8, ce_chunk=256,
         log_every=10, eval_every=500, eval_batch_size=64, save_every=500, keep_latest=2,
-        skip_nonfinite=False))  # True: skip (and count) batches whose loss is not finite
+        skip_nonfinite=False,  # True: skip (and count) batches whose loss is not finite
+        wandb_project=''))  # a W&B project name logs there too (pip install wandb); '' = TensorBoard only
     c.reference = ml_collections.ConfigDict(dict(
         model_source="meta-llama/Llama-3.2-1B" if arg.endswith("_w2s") else "", checkpoints=3))
     c.confidence = ml_collections.ConfigDict(dict(batch_size=128, split="confidence"))
-    c.sftmix = ml_collections.ConfigDict(dict(mu=0.2, alpha=0.5, per_pair=False, ntp=True))
+    c.sftmix = ml_collections.ConfigDict(dict(mu=0.2, alpha=0.5, per_pair=False, ntp=True,
+                                              pairing="random"))  # 'length': pair similar response lengths
+    c.lora = lora.default_config()  # rank > 0: LoRA adapters only (the compute-constrained setting)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1))
-    c.evaluate = ml_collections.ConfigDict(dict(max_new_tokens=256, exact_match=False, batch_size=64))
+    # multiple_choice (sftmix_jax/multiple_choice.py): the healthcare run scores MedQA (4 options) by option
+    # log-likelihood in the Alpaca prompt it was tuned on; source '' = off. MedMCQA: source
+    # openlifescienceai/medmcqa:validation, fields.choices='opa,opb,opc,opd', fields.answer=cop. PubMedQA:
+    # qiaojin/PubMedQA:train, subset=pqa_labeled, fixed_choices='yes,no,maybe', fields.answer=final_decision,
+    # fields.context=context.contexts, lettered=False.
+    c.evaluate = ml_collections.ConfigDict(dict(max_new_tokens=256, exact_match=False, batch_size=64, multiple_choice=dict(
+        source="GBaker/MedQA-USMLE-4-options:test" if arg == "llama31_8b_medalpaca" else "", split="test", subset="",
+        num_examples=0, batch_size=64, template="alpaca", lettered=True, fixed_choices="",
+        fields=dict(id="id", question="question", choices="options", answer="answer_idx", context=""))))
     return c

@@ -14,7 +14,7 @@ import os
 
 import ml_collections
 
-from sftmix_jax import data
+from sftmix_jax import data, lora
 
 
 def parse_arg(arg):
@@ -51,12 +51,20 @@ def get_config(arg=None):
         lr=1e-5, min_lr_ratio=0.1, warmup_ratio=0.1, weight_decay=0.1, grad_clip=1.0,
         b1=0.9, b2=0.95, eps=1e-8, ce_chunk=0,
         log_every=1, eval_every=10, eval_batch_size=8, save_every=10, keep_latest=2,
-        skip_nonfinite=False))  # True: skip (and count) batches whose loss is not finite
+        skip_nonfinite=False,  # True: skip (and count) batches whose loss is not finite
+        wandb_project=''))  # a W&B project name logs there too (pip install wandb); '' = TensorBoard only
     c.reference = ml_collections.ConfigDict(dict(model_source="", checkpoints=3))
     c.confidence = ml_collections.ConfigDict(dict(batch_size=16, split="confidence"))
-    c.sftmix = ml_collections.ConfigDict(dict(mu=0.2, alpha=0.5, per_pair=False, ntp=True))
+    c.sftmix = ml_collections.ConfigDict(dict(mu=0.2, alpha=0.5, per_pair=False, ntp=True,
+                                              pairing="random"))  # 'length': pair similar response lengths
+    c.lora = lora.default_config()  # rank > 0: LoRA adapters only (the compute-constrained setting)
     # Device mesh: -1 takes the devices left over. FSDP shards parameters and optimizer state
     # over `fsdp`; tensor parallelism shards heads, MLP and vocabulary over `tensor`.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
-    c.evaluate = ml_collections.ConfigDict(dict(max_new_tokens=32, exact_match=False, batch_size=8))
+    # multiple_choice (sftmix_jax/multiple_choice.py; source '' = off), e.g. MedQA with a network:
+    # --config.evaluate.multiple_choice.source=GBaker/MedQA-USMLE-4-options:test
+    # --config.evaluate.multiple_choice.fields.choices=options --config.evaluate.multiple_choice.fields.answer=answer_idx
+    c.evaluate = ml_collections.ConfigDict(dict(max_new_tokens=32, exact_match=False, batch_size=8, multiple_choice=dict(
+        source="", split="test", subset="", num_examples=0, batch_size=8, template="chat", lettered=False,
+        fixed_choices="", fields=dict(id="id", question="question", choices="choices", answer="answer", context=""))))
     return c

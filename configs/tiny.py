@@ -8,7 +8,7 @@ built in code: no download, same code path as a real HF model.
 """
 import ml_collections
 
-from sftmix_jax import data
+from sftmix_jax import data, lora
 
 
 def get_config(arg=None):
@@ -39,16 +39,23 @@ def get_config(arg=None):
         b1=0.9, b2=0.95, eps=1e-8,
         ce_chunk=0,  # >0: cross-entropy over sequence chunks of this size
         log_every=10, eval_every=200, eval_batch_size=64, save_every=200, keep_latest=2,
-        skip_nonfinite=False))  # True: skip (and count) batches whose loss is not finite
+        skip_nonfinite=False,  # True: skip (and count) batches whose loss is not finite
+        wandb_project=''))  # a W&B project name logs there too (pip install wandb); '' = TensorBoard only
 
     c.reference = ml_collections.ConfigDict(dict(
         model_source="",  # '' = config.model; else a (smaller) HF model: weak-to-strong
         checkpoints=3))  # C checkpoints replayed for confidence, evenly spaced, last at the end
 
     c.confidence = ml_collections.ConfigDict(dict(batch_size=64, split="confidence"))  # or 'random'
-    c.sftmix = ml_collections.ConfigDict(dict(mu=0.2, alpha=0.5, per_pair=False, ntp=True))
+    c.sftmix = ml_collections.ConfigDict(dict(mu=0.2, alpha=0.5, per_pair=False, ntp=True,
+                                              pairing="random"))  # 'length': pair similar response lengths
+    c.lora = lora.default_config()  # rank > 0: LoRA adapters only (the compute-constrained setting)
     # Device mesh: -1 takes the devices left over. FSDP shards parameters and optimizer state
     # over `fsdp`; tensor parallelism shards heads, MLP and vocabulary over `tensor`.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
-    c.evaluate = ml_collections.ConfigDict(dict(max_new_tokens=16, exact_match=True, batch_size=64))
+    # multiple_choice: accuracy by option log-likelihood on a question set (sftmix_jax/multiple_choice.py
+    # documents every key); source "" = off.
+    c.evaluate = ml_collections.ConfigDict(dict(max_new_tokens=16, exact_match=True, batch_size=64, multiple_choice=dict(
+        source="", split="test", subset="", num_examples=0, batch_size=64, template="chat", lettered=False,
+        fixed_choices="", fields=dict(id="id", question="question", choices="choices", answer="answer", context=""))))
     return c

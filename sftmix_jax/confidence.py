@@ -16,7 +16,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from sftmix_jax import hf, sharding
+from sftmix_jax import hf, lora, sharding
 from sftmix_jax.evaluate import example_nll
 from sftmix_jax.model import abstract_model
 
@@ -31,14 +31,16 @@ def reference_model_config(c):
     return m
 
 
-def replay(ckpt_dir, steps, examples, model_cfg, batch_size, buckets, pad_id, cache_dir, mesh=None) -> np.ndarray:
+def replay(ckpt_dir, steps, examples, model, batch_size, buckets, pad_id, cache_dir, mesh=None) -> np.ndarray:
     """Perplexity [C, n] of every example under each checkpoint, cached per checkpoint.
 
-    Parameters only are restored, sharded for `mesh` (which may differ from the training mesh).
+    model: the reference model, abstract (`abstract_model`) or, under LoRA, the base weights with
+    adapters. The trained parameters only are restored (all of them, or the adapters), sharded for
+    `mesh`, which may differ from the training mesh.
     """
     from sftmix_jax.train import restore_params
 
-    graphdef, abstract = nnx.split(abstract_model(hf.model_config(model_cfg)))
+    graphdef, abstract, frozen = nnx.split(model, lora.trainable(model), ...)
     if mesh is not None:
         abstract = sharding.with_shardings(abstract, sharding.state_shardings(abstract, mesh))
     perps = []
@@ -54,7 +56,7 @@ def replay(ckpt_dir, steps, examples, model_cfg, batch_size, buckets, pad_id, ca
                 f"reference checkpoint {step} is gone from {ckpt_dir}: the confidence stage replays the "
                 f"reference checkpoints {list(steps)}. Restore it, or rerun the reference stage (delete its done.json).")
         params = restore_params(ckpt_dir, step, abstract)
-        nll, count = example_nll(nnx.merge(graphdef, params), examples, batch_size, buckets, pad_id, mesh,
+        nll, count = example_nll(nnx.merge(graphdef, params, frozen), examples, batch_size, buckets, pad_id, mesh,
                                  desc=f"replay step {step}")
         if (count == 0).any():
             raise ValueError(f"examples without response tokens: {[examples[i].id for i in np.flatnonzero(count == 0)[:5]]}")
@@ -84,8 +86,13 @@ def run(run) -> dict:
         raise ValueError(f"confidence needs >= 2 reference checkpoints to replay, got {steps}: "
                          "set config.reference.checkpoints >= 2")
     train_ex = run.data[0]
+    model_cfg = reference_model_config(c)
+    if c.get("lora") and c.lora.rank > 0:  # checkpoints hold the adapters: load the base weights
+        model = lora.apply(hf.load_model(model_cfg, seed=c.seed, mesh=run.mesh), c.lora, c.seed, run.mesh)
+    else:  # checkpoints hold every parameter: no weights to load
+        model = abstract_model(hf.model_config(model_cfg))
     perp_CN = replay(os.path.join(run.stage_dir("reference"), "checkpoints"), steps, train_ex,
-                     reference_model_config(c), c.confidence.batch_size, c.data.buckets, run.pad_id, out, run.mesh)
+                     model, c.confidence.batch_size, c.data.buckets, run.pad_id, out, run.mesh)
     conf_N, var_N = -perp_CN.mean(0), perp_CN.std(0)
     confident, unconfident, dropped = median_split(conf_N)
     split = np.full(len(train_ex), "", object)

@@ -1,10 +1,9 @@
-"""Instruction data: load rows, render a prompt template, tokenize with a response mask, batch.
+"""Instruction data: load rows, render a prompt template, tokenize with a response mask.
 
 Rows (Alpaca, messages or ShareGPT) become a list of chat messages; the chat template (or
 the Stanford Alpaca prompt) renders them; the loss mask covers exactly the tokens of every
 assistant turn, found as token differences between renderings of conversation prefixes.
-Batches are pure functions of (seed, step), so a resumed run sees the same batches, and
-lengths are padded to a few buckets so that jit compiles a few shapes only.
+Batching lives in batching.py.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import collections
 import dataclasses
 import json
 import os
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import ml_collections
 import numpy as np
@@ -386,135 +385,3 @@ def load_examples(cfg: ml_collections.ConfigDict, tokenizer, seed: int):
     stats.update(train=len(train), held_out=len(held))
     logging.info("data %s: %s", cfg.source, stats)
     return train, held, stats
-
-
-# ----------------------------------------------------------------------------------------
-# Batching
-# ----------------------------------------------------------------------------------------
-
-def pad_length(n: int, buckets: Sequence[int], fallback: int) -> int:
-    """The smallest bucket >= n; `fallback` when n exceeds them all."""
-    return min((b for b in buckets if b >= n), default=max(fallback, n))
-
-
-def collate(examples: Sequence[Example], rows: np.ndarray, length: int, pad_id: int = 0) -> dict:
-    """Rows (indices into examples, -1 = padding row) -> a batch of [B, length] arrays."""
-    B = len(rows)
-    input_ids_BL = np.full((B, length), pad_id, np.int32)
-    attention_mask_BL = np.zeros((B, length), np.int32)
-    loss_mask_BL = np.zeros((B, length), np.float32)
-    for b, i in enumerate(rows):
-        if i < 0:
-            continue
-        e = examples[i]
-        n = len(e.input_ids)
-        input_ids_BL[b, :n] = e.input_ids
-        attention_mask_BL[b, :n] = 1
-        loss_mask_BL[b, :n] = e.loss_mask
-    # Position t predicts token t+1; the last position predicts nothing.
-    targets_BL = np.full_like(input_ids_BL, pad_id)
-    targets_BL[:, :-1] = input_ids_BL[:, 1:]
-    weights_BL = np.zeros_like(loss_mask_BL)
-    weights_BL[:, :-1] = loss_mask_BL[:, 1:]
-    return {"input_ids": input_ids_BL, "attention_mask": attention_mask_BL,
-            "targets": targets_BL, "weights": weights_BL,
-            "index": np.asarray(rows, np.int32)}
-
-
-class _Batches:
-    """Shared by the samplers: lengths, buckets and the per-process slicing."""
-
-    def __init__(self, examples, batch_size, seed, buckets, process_index, process_count, pad_id):
-        if batch_size <= 0 or batch_size % process_count:
-            raise ValueError(f"batch_size={batch_size} must be a positive multiple of "
-                             f"process_count={process_count}")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-        self.examples, self.batch_size, self.seed = examples, batch_size, seed
-        self.buckets = tuple(sorted(buckets))
-        self.process_index, self.process_count, self.pad_id = process_index, process_count, pad_id
-        self.lengths = np.array([len(e.input_ids) for e in examples], np.int64)
-        # One shape beyond the buckets: the longest example rounded up to a multiple of 64.
-        self.fallback = -(-int(self.lengths.max(initial=1)) // 64) * 64
-
-    def _emit(self, parts: list[np.ndarray]) -> dict:
-        """Global rows, in parts -> this process's slice of each part, concatenated; the
-        length comes from the whole global batch so that every process pads alike."""
-        rows = np.concatenate(parts)
-        length = pad_length(int(self.lengths[rows].max()), self.buckets, self.fallback)
-        p = self.process_index
-        local = [np.array_split(part, self.process_count)[p] for part in parts]
-        return collate(self.examples, np.concatenate(local), length, self.pad_id)
-
-
-class TrainBatches(_Batches):
-    """Epochs of seeded permutations; batch(step) is a pure function of (seed, step)."""
-
-    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int,
-                 buckets: Sequence[int], process_index: int = 0, process_count: int = 1,
-                 *, pad_id: int = 0):
-        super().__init__(examples, batch_size, seed, buckets, process_index, process_count, pad_id)
-        if len(examples) < batch_size:
-            raise ValueError(f"the training set has {len(examples)} usable examples, fewer than one batch "
-                             f"(config.train.batch_size={batch_size}): use more data or a smaller batch")
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.examples) // self.batch_size  # drop_last
-
-    def batch(self, step: int) -> dict:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-        return self._emit([order[i * self.batch_size: (i + 1) * self.batch_size]])
-
-
-class PairedBatches(_Batches):
-    """SFTMix batches of B/2 pairs: row 2k confident, row 2k+1 unconfident.
-
-    Each half is permuted per (seed, epoch) independently and the k-th draws are paired.
-    Adjacent pairs survive any contiguous split: hosts, devices and micro-batches get whole pairs.
-    """
-
-    def __init__(self, examples: Sequence[Example], confident: Sequence[int],
-                 unconfident: Sequence[int], batch_size: int, seed: int,
-                 buckets: Sequence[int], process_index: int = 0, process_count: int = 1,
-                 *, pad_id: int = 0):
-        if batch_size % (2 * process_count):
-            raise ValueError(f"batch_size={batch_size} must be even (confident/unconfident pairs), "
-                             f"with an even number of rows on each of {process_count} processes")
-        super().__init__(examples, batch_size, seed, buckets, process_index, process_count, pad_id)
-        self.halves = [np.asarray(confident, np.int64), np.asarray(unconfident, np.int64)]
-        for h in self.halves:
-            if h.size and (h.min() < 0 or h.max() >= len(examples)):
-                raise ValueError("confident/unconfident indices out of range of examples")
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"halves of {[len(h) for h in self.halves]} rows are smaller "
-                             f"than batch_size/2={batch_size // 2}")
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return min(len(h) for h in self.halves) // (self.batch_size // 2)
-
-    def batch(self, step: int) -> dict:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        half = self.batch_size // 2
-        parts = []
-        for which, h in enumerate(self.halves):
-            order = np.random.default_rng([self.seed, epoch, which]).permutation(len(h))
-            parts.append(h[order[i * half: (i + 1) * half]])
-        return self._emit([np.stack(parts, 1).reshape(-1)])  # c0 u0 c1 u1 ...
-
-
-def eval_batches(examples: Sequence[Example], batch_size: int, buckets: Sequence[int],
-                 *, pad_id: int = 0) -> Iterator[dict]:
-    """Every example once, shortest first (less padding); the last batch padded with -1 rows."""
-    if not examples:
-        return
-    batches = _Batches(examples, batch_size, 0, buckets, 0, 1, pad_id)
-    order = np.argsort(batches.lengths, kind="stable")
-    for start in range(0, len(order), batch_size):
-        rows = order[start: start + batch_size]
-        rows = np.concatenate([rows, np.full(batch_size - len(rows), -1, np.int64)])
-        length = pad_length(int(batches.lengths[rows[rows >= 0]].max()), batches.buckets,
-                            batches.fallback)
-        yield collate(examples, rows, length, pad_id)

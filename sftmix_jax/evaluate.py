@@ -1,4 +1,5 @@
-"""Held-out metrics: response loss / perplexity, greedy exact match per task family.
+"""Held-out metrics: response loss / perplexity, greedy exact match per task family; the stage
+that compares the runs (multiple-choice accuracy: multiple_choice.py; the report: report.py).
 
 `example_nll` (a jitted forward pass, no gradients) is shared with the confidence replay: it
 returns each example's summed response NLL and token count.
@@ -19,7 +20,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from sftmix_jax import losses, sharding
-from sftmix_jax.data import eval_batches
+from sftmix_jax.batching import eval_batches
 from sftmix_jax.generate import generate
 
 
@@ -80,12 +81,17 @@ def exact_match(model, tokenizer, examples, max_new_tokens, batch_size=32) -> di
 # Stage `evaluate`: NTP reference vs SFTMix on the same held-out set
 # ----------------------------------------------------------------------------------------
 def run(run) -> dict:
-    from sftmix_jax import hf
+    from sftmix_jax import hf, multiple_choice, report
 
     c = run.config
     held_out = run.data[1]
     if not held_out:
         raise ValueError("the evaluate stage needs held-out data: set config.data.eval_fraction > 0 or eval_source")
+    mc = c.evaluate.get("multiple_choice")  # absent from configs older than it
+    questions = None
+    if mc and mc.source:  # read and checked before any model loads
+        multiple_choice.check_batch_size(mc, run.mesh)
+        questions = multiple_choice.load_questions(mc)
     results = {}
     for stage, label in (("reference", "NTP reference"), ("sftmix", "SFTMix")):
         path = os.path.join(run.stage_dir(stage), "hf")
@@ -98,29 +104,13 @@ def run(run) -> dict:
         if c.evaluate.exact_match:
             m["exact_match"] = exact_match(model, run.tokenizer, held_out, c.evaluate.max_new_tokens,
                                            c.evaluate.batch_size)
+        if questions:
+            out = os.path.join(run.stage_dir("evaluate"), f"multiple_choice_{stage}.jsonl")
+            m["multiple_choice"] = multiple_choice.evaluate(model, run.tokenizer, questions, mc, c.data.buckets, run.pad_id,
+                                                            run.mesh, out=out if jax.process_index() == 0 else None)
         results[label] = m
         logging.info("evaluate %s: %s", label, m)
     summary = {"heldout_examples": len(held_out), "results": results, "config": json.loads(c.to_json_best_effort())}
     if jax.process_index() == 0:
-        epath.Path(run.workdir, "summary.json").write_text(json.dumps(summary, indent=2))
-        epath.Path(run.workdir, "summary.md").write_text(summary_markdown(summary))
+        report.write(run.workdir, summary)
     return {"results": results}
-
-
-def summary_markdown(summary) -> str:
-    results = summary["results"]
-    names = list(results)
-    rows = [("held-out loss", lambda m: m["loss"], "{:.4f}"), ("held-out perplexity", lambda m: m["perplexity"], "{:.3f}")]
-    tasks = sorted({t for m in results.values() for t in m.get("exact_match", {})}, key=lambda t: (t != "all", t))
-    rows += [(f"exact match: {t}", lambda m, t=t: m["exact_match"][t], "{:.3f}") for t in tasks]
-    lines = ["# NTP reference vs SFTMix", "",
-             f"Held-out set: {summary['heldout_examples']} examples. Lower loss / perplexity and higher exact match are better.", "",
-             "| metric | " + " | ".join(names) + (" | SFTMix - NTP |" if len(names) == 2 else ""),
-             "|---|" + "---|" * (len(names) + (len(names) == 2))]
-    for label, get, fmt in rows:
-        vals = [get(results[n]) for n in names]
-        cells = [fmt.format(v) for v in vals] + ([f"{vals[1] - vals[0]:+.4f}"] if len(vals) == 2 else [])
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    cfg = summary["config"]
-    lines += ["", "## Config", "", "```json", json.dumps(cfg, indent=2, sort_keys=True), "```", ""]
-    return "\n".join(lines)

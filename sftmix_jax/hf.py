@@ -254,9 +254,19 @@ def save_pretrained(model: CausalLM, path: str, tokenizer=None, max_shard_bytes:
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_to_hf(model.cfg, **extra), f, indent=2)
     shards, current, size = [], {}, 0
-    for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    from sftmix_jax.lora import LoRAParam, merged_kernel
+
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    scales = {tuple(path): m.lora_scale for path, m in nnx.iter_modules(model) if getattr(m, "lora_a", None) is not None}
+    for key, var in flat.items():
+        if isinstance(var, LoRAParam):  # folded into its kernel below: the export is a plain model
+            continue
         name, _, to_hf = hf_name(key)
-        w = np.ascontiguousarray(to_hf(np.asarray(jax.device_get(var.get_value()))))
+        w = np.asarray(jax.device_get(var.get_value()))
+        if key[-1] == "kernel" and key[:-1] in scales:
+            a, b = (jax.device_get(flat[key[:-1] + (n,)].get_value()) for n in ("lora_a", "lora_b"))
+            w = merged_kernel(w, a, b, scales[key[:-1]])
+        w = np.ascontiguousarray(to_hf(w))
         if current and size + w.nbytes > max_shard_bytes:
             shards.append(current)
             current, size = {}, 0

@@ -14,8 +14,10 @@ from etils import epath
 from ml_collections import config_flags
 
 STAGES = ("reference", "confidence", "sftmix", "evaluate")
-# Keys that may change between invocations on the same workdir without changing results.
-MUTABLE_KEYS = ("stages",)
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # config.model.dtype / param_dtype
+# Keys that may change between invocations on the same workdir without changing what is trained
+# (evaluate settings apply when the evaluate stage runs again: delete DIR/evaluate/done.json).
+MUTABLE_KEYS = ("stages", "evaluate", "train.wandb_project")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py[:ARG]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, scores, exports and reports.")
@@ -103,6 +105,21 @@ def validate(config, stages, num_devices: int, process_count: int = 1) -> None:
         problems.append(f"config.sftmix.alpha={c.sftmix.alpha} must be > 0 (Beta(alpha, alpha); 0.5 in the paper)")
     if not c.sftmix.ntp and c.sftmix.mu == 0:
         problems.append("config.sftmix.ntp=False with mu=0 leaves no loss: set mu > 0")
+    if c.get("lora"):
+        from sftmix_jax import lora
+
+        if c.lora.rank < 0:
+            problems.append(f"config.lora.rank={c.lora.rank} must be >= 0 (0 = full fine-tuning)")
+        elif c.lora.rank > 0:
+            try:
+                lora.parse_targets(c.lora.targets)
+            except ValueError as e:
+                problems.append(str(e))
+    if c.sftmix.get("pairing", "random") not in ("random", "length"):
+        problems.append(f"config.sftmix.pairing={c.sftmix.pairing!r}: use 'random' (the paper) or 'length'")
+    for key in ("dtype", "param_dtype"):
+        if c.model[key] not in DTYPES:
+            problems.append(f"config.model.{key}={c.model[key]!r}: use one of {', '.join(DTYPES)}")
     if c.confidence.split not in ("confidence", "random"):
         problems.append(f"config.confidence.split={c.confidence.split!r}: use 'confidence' or 'random'")
     if "confidence" in stages and c.reference.checkpoints < 2:
@@ -125,7 +142,17 @@ def validate(config, stages, num_devices: int, process_count: int = 1) -> None:
 def check_workdir_config(workdir: str, config: dict) -> None:
     """Write DIR/config.json, or refuse a workdir that holds a different config."""
     path = epath.Path(workdir, "config.json")
-    strip = lambda c: {k: v for k, v in c.items() if k not in MUTABLE_KEYS}  # noqa: E731
+
+    def strip(c):
+        c = json.loads(json.dumps(c))
+        for key in MUTABLE_KEYS:
+            *parents, leaf = key.split(".")
+            node = c
+            for p in parents:
+                node = node.get(p, {})
+            node.pop(leaf, None)
+        return c
+
     if path.exists():
         old = json.loads(path.read_text())
         if strip(old) != strip(config):
@@ -133,8 +160,9 @@ def check_workdir_config(workdir: str, config: dict) -> None:
             raise SystemExit(
                 f"{workdir} holds a run with a different config (differing keys: {', '.join(diff[:10])}). "
                 "Use a new --workdir, or the same config to resume.")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
+        if old == config:
+            return
+    path.parent.mkdir(parents=True, exist_ok=True)  # new, or only mutable keys changed: record them
     write_atomic(path, json.dumps(config, indent=2, sort_keys=True))
 
 
@@ -153,9 +181,16 @@ def _diff(a, b, prefix=""):
         yield prefix.rstrip(".")
 
 
+def needs_x64(config) -> bool:
+    """float64 weights or activations need JAX's 64-bit mode (off by default: float64 -> float32)."""
+    return "float64" in (config.model.dtype, config.model.param_dtype)
+
+
 def run_stages(config, workdir: str) -> None:
     import jax
 
+    if needs_x64(config):  # before any array exists; it stays on for the rest of the process
+        jax.config.update("jax_enable_x64", True)
     from sftmix_jax import confidence, evaluate, train
 
     from sftmix_jax import sharding

@@ -96,6 +96,10 @@ class Dense(nnx.Module):
 
     def __init__(self, eq, shape, names, bias_dims, cfg: ModelConfig, rngs):
         self.eq, self.dtype = eq, cfg.dtype
+        x_spec, k_spec = eq.split("->")[0].split(",")
+        self.num_in = sum(c in x_spec for c in k_spec)  # kernel dims contracted with x (leading)
+        self.lora_a = self.lora_b = nnx.data(None)  # low-rank adapters, attached by lora.add
+        self.lora_scale = 0.0
         self.kernel = _param(rngs, shape, names, cfg.param_dtype, cfg.initializer_range)
         self.bias = (
             _param(rngs, shape[-bias_dims:], names[-bias_dims:], cfg.param_dtype, 0.0)
@@ -104,7 +108,13 @@ class Dense(nnx.Module):
         )
 
     def __call__(self, x):
-        y = jnp.einsum(self.eq, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.einsum(self.eq, x, self.kernel[...].astype(self.dtype))
+        if self.lora_a is not None:  # + scale * B (A x): [.., in] -> [.., r] -> [.., out]
+            x_spec, k_spec = self.eq.split("->")[0].split(",")
+            batch, k_in, k_out = x_spec[:-self.num_in], k_spec[:self.num_in], k_spec[self.num_in:]
+            r_ = jnp.einsum(f"{x_spec},{k_in}R->{batch}R", x, self.lora_a[...].astype(self.dtype))
+            y = y + self.lora_scale * jnp.einsum(f"{batch}R,R{k_out}->{batch}{k_out}", r_, self.lora_b[...].astype(self.dtype))
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
@@ -116,10 +126,22 @@ class RMSNorm(nnx.Module):
         )
 
     def __call__(self, x_BLD):
-        # As in transformers: normalise in float32, cast back, then scale.
-        x = x_BLD.astype(jnp.float32)
+        # As in transformers: normalise in float32 (float64 stays float64), cast back, then scale.
+        x = x_BLD.astype(jnp.promote_types(x_BLD.dtype, jnp.float32))
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
         return self.scale[...].astype(x_BLD.dtype) * x.astype(x_BLD.dtype)
+
+
+def float64_attention(q_BLNH, k_BSKH, v_BSKH, *, mask, is_causal, scale):
+    """jax.nn.dot_product_attention (xla) with the softmax in float64: that one is always float32."""
+    B, L, N, H = q_BLNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    q_BLKGH = q_BLNH.reshape(B, L, K, N // K, H)  # query head n attends with kv head n // (N/K)
+    logits_BKGLS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BLKGH, k_BSKH) * scale
+    allowed = jnp.tril(jnp.ones((L, S), bool)) if is_causal else mask[:, :, None]  # mask: [B, 1, L, S]
+    logits_BKGLS = jnp.where(allowed, logits_BKGLS, jnp.finfo(logits_BKGLS.dtype).min)
+    probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1)
+    return jnp.einsum("BKGLS,BSKH->BLKGH", probs_BKGLS, v_BSKH).reshape(B, L, N, H)
 
 
 class Attention(nnx.Module):
@@ -140,7 +162,8 @@ class Attention(nnx.Module):
             k_BLKH = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BLKH.astype(cache["k"].dtype), index, 1)
             v_BLKH = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BLKH.astype(cache["v"].dtype), index, 1)
             cache = {"k": k_BLKH, "v": v_BLKH}
-        out_BLNH = jax.nn.dot_product_attention(
+        attend = float64_attention if q_BLNH.dtype == jnp.float64 else jax.nn.dot_product_attention
+        out_BLNH = attend(
             q_BLNH,
             k_BLKH.astype(q_BLNH.dtype),
             v_BLKH.astype(q_BLNH.dtype),

@@ -5,6 +5,7 @@ sampler differ. State is (params, opt_state) as nnx.State pytrees; a batch is a 
 of the step and the dropout-free loss needs randomness only from fold_in(seed, step), so a run
 restored from a checkpoint at step s continues exactly as if it had never stopped.
 """
+import hashlib
 import json
 import os
 import signal
@@ -24,7 +25,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 from tqdm.auto import tqdm
 
-from sftmix_jax import losses, sharding
+from sftmix_jax import lora, losses, sharding
 from sftmix_jax.evaluate import heldout_loss
 
 
@@ -72,30 +73,32 @@ def split_micro(batch, accum: int):
 
 
 def make_train_step(graphdef, tx, loss_fn, accum: int = 1, shardings=None, skip_nonfinite=False):
-    """step(params, opt_state, batch, rng) -> (params, opt_state, metrics), jitted and donating.
+    """step(params, opt_state, batch, rng, frozen=None) -> (params, opt_state, metrics), jitted, donating.
 
+    params: the trained variables; frozen: the rest of the model's state (the base weights under
+    LoRA), used but neither differentiated nor updated.
     shardings: (params, opt_state, batch) shardings on a mesh, or None for one device.
     skip_nonfinite: a step whose loss or gradient norm is not finite leaves the state unchanged
     (metrics["skipped"] = 1) instead of poisoning the parameters.
     """
 
-    def loss_of(params, batch, rng):
-        return loss_fn(nnx.merge(graphdef, params), batch, rng)
+    def loss_of(params, frozen, batch, rng):
+        return loss_fn(nnx.merge(graphdef, params, frozen), batch, rng)
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
-    def step(params, opt_state, batch, rng):
+    def step(params, opt_state, batch, rng, frozen):
         if accum == 1:
-            (loss, aux), grads = grad_fn(params, batch, rng)
+            (loss, aux), grads = grad_fn(params, frozen, batch, rng)
         else:  # gradient accumulation: mean of the micro-batch gradients (scan keeps one live)
             micro = split_micro(batch, accum)
 
             def body(acc, xs):
                 mb, i = xs
-                (loss, aux), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+                (loss, aux), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i))
                 return jax.tree.map(jnp.add, acc, (g, loss, aux)), None
 
-            (loss_s, aux_s), g_s = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
+            (loss_s, aux_s), g_s = jax.eval_shape(grad_fn, params, frozen, jax.tree.map(lambda x: x[0], micro), rng)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g_s, loss_s, aux_s))
             (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
             grads, loss, aux = jax.tree.map(lambda x: x / accum, (grads, loss, aux))
@@ -111,10 +114,14 @@ def make_train_step(graphdef, tx, loss_fn, accum: int = 1, shardings=None, skip_
         return new_params, new_opt_state, metrics
 
     if shardings is None:
-        return jax.jit(step, donate_argnums=(0, 1))
-    p_sh, o_sh, b_sh = shardings
-    rep = sharding.replicated(b_sh.mesh)
-    return jax.jit(step, in_shardings=(p_sh, o_sh, b_sh, rep), out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
+        jitted = jax.jit(step, donate_argnums=(0, 1))
+    else:  # frozen weights keep the shardings they were loaded with (None: taken from the arrays)
+        p_sh, o_sh, b_sh = shardings
+        rep = sharding.replicated(b_sh.mesh)
+        jitted = jax.jit(step, in_shardings=(p_sh, o_sh, b_sh, rep, None), out_shardings=(p_sh, o_sh, rep),
+                         donate_argnums=(0, 1))
+    return lambda params, opt_state, batch, rng, frozen=None: jitted(
+        params, opt_state, batch, rng, nnx.State({}) if frozen is None else frozen)
 
 
 def init_optimizer(tx, params, mesh):
@@ -177,10 +184,12 @@ class watch_signals:
         self.previous = {}
 
 class MetricsLog:
-    """metrics.jsonl + TensorBoard; on resume, rows past the restored step are dropped."""
+    """metrics.jsonl + TensorBoard (+ Weights & Biases when a project is named); on resume, rows
+    past the restored step are dropped."""
 
-    def __init__(self, stage_dir: str, start_step: int, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, stage_dir: str, start_step: int, enabled: bool = True, wandb_project: str = "",
+                 run_config: dict | None = None):
+        self.enabled, self.wandb = enabled, None
         self.path = epath.Path(stage_dir, "metrics.jsonl")
         if not enabled:
             return
@@ -190,6 +199,17 @@ class MetricsLog:
         from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(os.path.join(stage_dir, "tb"), purge_step=start_step + 1)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError(f"config.train.wandb_project={wandb_project!r} needs `pip install wandb` "
+                                  "(or set it to '' for TensorBoard only)") from e
+            # One W&B run per stage directory, resumed under the same id after a restart.
+            name = os.path.basename(os.path.dirname(os.path.abspath(stage_dir))) + "/" + os.path.basename(stage_dir)
+            run_id = hashlib.sha1(os.path.abspath(stage_dir).encode()).hexdigest()[:16]
+            self.wandb = wandb.init(project=wandb_project, name=name, id=run_id, resume="allow",
+                                    config=run_config or {}, dir=stage_dir)
 
     def write(self, step: int, metrics: dict):
         if not self.enabled:
@@ -199,24 +219,31 @@ class MetricsLog:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
 
     def close(self):
         if self.enabled:
             self.tb.close()
+            if self.wandb is not None:
+                self.wandb.finish()
 
 
 # ----------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------
 def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed, total_steps,
-          num_replay=0, pad_id=0, buckets=(512,), desc="train"):
+          num_replay=0, pad_id=0, buckets=(512,), desc="train", run_config=None):
     """Train `model` in place for `total_steps`, resuming from stage_dir/checkpoints if present.
 
     cfg: config.train (lr, schedule, batch, accumulation, intervals). Returns (model with the final
     parameters, held-out metrics at the final step or None if not evaluated there). Saves at every
     cfg.save_every steps, at the C replay steps and at the end.
     """
-    graphdef, params = nnx.split(model)  # already sharded over `mesh` by hf.load_model
+    # Already sharded over `mesh` by hf.load_model. Under LoRA only the adapters are trained,
+    # optimised and checkpointed; the base weights ride along as `frozen`.
+    graphdef, params, frozen = nnx.split(model, lora.trainable(model), ...)
+    logging.info("%s: training %s parameters", desc, lora.count(model))
     tx, schedule = make_optimizer(cfg, total_steps)
     opt_state, p_sh, o_sh = init_optimizer(tx, params, mesh)
     keep = replay_steps(total_steps, num_replay) if num_replay else [total_steps]
@@ -242,7 +269,8 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
     skip = cfg.get("skip_nonfinite", False)
     step_fn = make_train_step(graphdef, tx, loss_fn, cfg.grad_accum, (p_sh, o_sh, sharding.batch_sharding(mesh)), skip)
     skipped = []
-    log = MetricsLog(stage_dir, start, enabled=jax.process_index() == 0)
+    log = MetricsLog(stage_dir, start, enabled=jax.process_index() == 0, wandb_project=cfg.get("wandb_project", ""),
+                     run_config=run_config)
     base_rng = jax.random.key(seed)
 
     def save(step):
@@ -253,7 +281,7 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
     evals = {}
 
     def evaluate(step):
-        evals[step] = heldout_loss(nnx.merge(graphdef, params), eval_examples, cfg.eval_batch_size, buckets,
+        evals[step] = heldout_loss(nnx.merge(graphdef, params, frozen), eval_examples, cfg.eval_batch_size, buckets,
                                    pad_id, mesh)
         log.write(step, {f"eval_{k}": v for k, v in evals[step].items()})
         return evals[step]
@@ -292,7 +320,7 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
             batch = batches.batch(step)  # this host's rows
             rows = batch.pop("index")
             params, opt_state, metrics = step_fn(params, opt_state, sharding.global_batch(batch, mesh),
-                                                 jax.random.fold_in(base_rng, step))
+                                                 jax.random.fold_in(base_rng, step), frozen)
             if pending is not None:  # the previous step's metrics, pulled while this step runs
                 flush(pending)
             pending = (step + 1, metrics, rows)
@@ -320,7 +348,7 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
         mngr.wait_until_finished()
         mngr.close()
         log.close()
-    return nnx.merge(graphdef, params), evals.get(total_steps)
+    return nnx.merge(graphdef, params, frozen), evals.get(total_steps)
 
 
 # ----------------------------------------------------------------------------------------
@@ -349,36 +377,41 @@ def _finish(run, stage, model, held_out, ev) -> dict:
 def run_reference(run) -> dict:
     """Stage 1: plain NTP on the SFT set, keeping C checkpoints for the confidence replay."""
     from sftmix_jax import confidence, hf
-    from sftmix_jax.data import TrainBatches
+    from sftmix_jax.batching import TrainBatches, padding_report
 
     c = run.config
     train_ex, held_out, _ = run.data
     model_cfg = confidence.reference_model_config(c)
-    model = hf.load_model(model_cfg, seed=c.seed, mesh=run.mesh)
+    model = lora.apply(hf.load_model(model_cfg, seed=c.seed, mesh=run.mesh), c.get("lora"), c.seed, run.mesh)
     batches = TrainBatches(train_ex, c.train.batch_size, c.seed, c.data.buckets,
                            jax.process_index(), jax.process_count(), pad_id=run.pad_id)
+    padding = padding_report(batches, c.data.max_length)
+    logging.info("reference: padding fraction %s", padding)
     steps = total_steps(c.train, batches.steps_per_epoch)
     model, ev = train(run.stage_dir("reference"), model, batches, held_out, ntp_loss_fn(c.train.ce_chunk or None),
                   c.train, mesh=run.mesh, seed=c.seed, total_steps=steps, num_replay=c.reference.checkpoints,
-                  pad_id=run.pad_id, buckets=c.data.buckets, desc="reference")
-    return {**_finish(run, "reference", model, held_out, ev), "steps": steps,
+                  pad_id=run.pad_id, buckets=c.data.buckets, desc="reference", run_config=c.to_dict())
+    return {**_finish(run, "reference", model, held_out, ev), "steps": steps, "padding": padding,
             "replay_steps": replay_steps(steps, c.reference.checkpoints)}
 
 
 def run_sftmix(run) -> dict:
     """Stage 3: NTP + mu * Mixup on confident/unconfident pairs, from the same initial model."""
     from sftmix_jax import confidence, hf
-    from sftmix_jax.data import PairedBatches
+    from sftmix_jax.batching import PairedBatches, padding_report
 
     c = run.config
     train_ex, held_out, _ = run.data
     confident, unconfident = confidence.load_split(run.stage_dir("confidence"), train_ex, c.confidence.split, c.seed)
-    model = hf.load_model(c.model, seed=c.seed, mesh=run.mesh)
+    model = lora.apply(hf.load_model(c.model, seed=c.seed, mesh=run.mesh), c.get("lora"), c.seed, run.mesh)
     batches = PairedBatches(train_ex, confident, unconfident, c.train.batch_size, c.seed, c.data.buckets,
-                            jax.process_index(), jax.process_count(), pad_id=run.pad_id)
+                            jax.process_index(), jax.process_count(), pad_id=run.pad_id, pairing=c.sftmix.pairing)
+    padding = padding_report(batches, c.data.max_length)
+    logging.info("sftmix: padding fraction %s", padding)
     steps = total_steps(c.train, batches.steps_per_epoch)
     s = c.sftmix
     loss_fn = sftmix_loss_fn(s.mu, s.alpha, s.per_pair, s.ntp, c.train.ce_chunk or None)
     model, ev = train(run.stage_dir("sftmix"), model, batches, held_out, loss_fn, c.train, mesh=run.mesh, seed=c.seed,
-                  total_steps=steps, pad_id=run.pad_id, buckets=c.data.buckets, desc="sftmix")
-    return {**_finish(run, "sftmix", model, held_out, ev), "steps": steps}
+                  total_steps=steps, pad_id=run.pad_id, buckets=c.data.buckets, desc="sftmix",
+                  run_config=c.to_dict())
+    return {**_finish(run, "sftmix", model, held_out, ev), "steps": steps, "padding": padding}

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from sftmix_jax import data, synthetic
+from sftmix_jax import batching, data, synthetic
 
 TOK = synthetic.make_tokenizer()
 GOOD = [{"id": f"g{i}", "instruction": f"say {i}", "input": "", "output": f"ok {i}"} for i in range(40)]
@@ -113,7 +113,7 @@ def test_too_many_bad_rows_is_an_error_naming_counts_and_ids(tmp_path):
 def test_dataset_smaller_than_one_batch(tmp_path):
     train, _, _ = load(tmp_path, GOOD[:5])
     with pytest.raises(ValueError, match=r"5 usable examples, fewer than one batch \(config.train.batch_size=8\)"):
-        data.TrainBatches(train, 8, 0, (64,))
+        batching.TrainBatches(train, 8, 0, (64,))
 
 
 def test_unknown_file_type(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from sftmix_jax import confidence, data, hf, synthetic, train
+from sftmix_jax import batching, confidence, data, hf, synthetic, train
 from sftmix_jax.model import abstract_model
 
 
@@ -78,7 +78,7 @@ def test_sftmix_batches_hold_half_of_each(workdir):
     c = tiny_config()
     train_ex, _, _ = data.load_examples(c.data, synthetic.make_tokenizer(), c.seed)
     conf_c, conf_u = confidence.load_split(os.path.join(workdir, "confidence"), train_ex)
-    batches = data.PairedBatches(train_ex, conf_c, conf_u, 16, 0, c.data.buckets)
+    batches = batching.PairedBatches(train_ex, conf_c, conf_u, 16, 0, c.data.buckets)
     for step in range(batches.steps_per_epoch + 2):
         rows = batches.batch(step)["index"]
         assert set(rows[0::2]) <= set(conf_c) and set(rows[1::2]) <= set(conf_u)

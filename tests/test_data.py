@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from sftmix_jax import data, synthetic
+from sftmix_jax import batching, data, synthetic
 
 EOS = "<|end|>"
 
@@ -309,8 +309,8 @@ def check_batch(examples, batch, buckets=(64, 128)):
 
 def test_train_batches():
     ex = toy_examples()
-    tb = data.TrainBatches(ex, 8, seed=3, buckets=(64, 128), pad_id=7)
-    again = data.TrainBatches(ex, 8, seed=3, buckets=(64, 128), pad_id=7)
+    tb = batching.TrainBatches(ex, 8, seed=3, buckets=(64, 128), pad_id=7)
+    again = batching.TrainBatches(ex, 8, seed=3, buckets=(64, 128), pad_id=7)
     assert tb.steps_per_epoch == 5
     for step in (0, 4, 7, 23):
         a, b = tb.batch(step), again.batch(step)
@@ -323,19 +323,19 @@ def test_train_batches():
     # Process slices partition the global batch, in order, at the same padded length.
     for step in (0, 6):
         full = tb.batch(step)
-        parts = [data.TrainBatches(ex, 8, 3, (64, 128), p, 4, pad_id=7).batch(step)
+        parts = [batching.TrainBatches(ex, 8, 3, (64, 128), p, 4, pad_id=7).batch(step)
                  for p in range(4)]
         assert all(p["index"].shape == (2,) for p in parts)
         for k in full:
             assert np.array_equal(np.concatenate([p[k] for p in parts]), full[k])
     with pytest.raises(ValueError):
-        data.TrainBatches(ex, 6, 0, (64,), process_index=0, process_count=4)
+        batching.TrainBatches(ex, 6, 0, (64,), process_index=0, process_count=4)
 
 
 def test_paired_batches():
     ex = toy_examples()
     conf, unconf = list(range(0, 40, 2)), list(range(1, 30, 2))  # 20 and 15 rows
-    pb = data.PairedBatches(ex, conf, unconf, 6, seed=0, buckets=(64, 128), pad_id=7)
+    pb = batching.PairedBatches(ex, conf, unconf, 6, seed=0, buckets=(64, 128), pad_id=7)
     assert pb.steps_per_epoch == 5
     for step in range(12):
         batch = pb.batch(step)
@@ -343,10 +343,10 @@ def test_paired_batches():
         assert set(batch["index"][0::2]) <= set(conf) and set(batch["index"][1::2]) <= set(unconf)
     assert sorted(np.concatenate([pb.batch(s)["index"][1::2] for s in range(5)])) == unconf
     with pytest.raises(ValueError, match="even"):
-        data.PairedBatches(ex, conf, unconf, 5, 0, (64,))
+        batching.PairedBatches(ex, conf, unconf, 5, 0, (64,))
     # Two hosts: each holds a contiguous slice of whole (confident, unconfident) pairs.
-    pb4 = data.PairedBatches(ex, conf, unconf, 8, 1, (64, 128))
-    hosts = [data.PairedBatches(ex, conf, unconf, 8, 1, (64, 128), p, 2).batch(3)
+    pb4 = batching.PairedBatches(ex, conf, unconf, 8, 1, (64, 128))
+    hosts = [batching.PairedBatches(ex, conf, unconf, 8, 1, (64, 128), p, 2).batch(3)
              for p in range(2)]
     full = pb4.batch(3)["index"]
     assert list(hosts[0]["index"]) == list(full[0:4])
@@ -354,9 +354,52 @@ def test_paired_batches():
     assert hosts[0]["input_ids"].shape == hosts[1]["input_ids"].shape
 
 
+def test_length_pairing():
+    ex = toy_examples(400)
+    conf, unconf = list(range(0, 400, 2)), list(range(1, 400, 2))
+    resp = np.array([int(e.loss_mask.sum()) for e in ex])
+    make = lambda pairing: batching.PairedBatches(ex, conf, unconf, 8, 5, (64, 128), pairing=pairing,  # noqa: E731
+                                                  pair_window=16, pad_id=7)
+    pb, again, rand = make("length"), make("length"), make("random")
+    assert pb.steps_per_epoch == 50
+    for step in (0, 120, 7, 49, 50):  # out of order: a step depends on (seed, step) alone
+        a, b = pb.batch(step), again.batch(step)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+        check_batch(ex, a)
+    epochs = [np.stack([pb.batch(e * 50 + s)["index"] for s in range(50)]) for e in range(2)]
+    for idx_SB in epochs:  # each half drawn exactly once per epoch, on its own rows
+        assert sorted(idx_SB[:, 0::2].ravel()) == conf and sorted(idx_SB[:, 1::2].ravel()) == unconf
+    assert not np.array_equal(epochs[0], epochs[1])
+
+    def gap(batches):
+        rows = np.concatenate([batches.batch(s)["index"] for s in range(50)]).reshape(-1, 2)
+        return np.abs(resp[rows[:, 0]] - resp[rows[:, 1]]).mean()
+
+    assert gap(pb) < 0.5 * gap(rand)
+    hosts = [batching.PairedBatches(ex, conf, unconf, 8, 5, (64, 128), p, 2, pairing="length",
+                                    pair_window=16).batch(3)["index"] for p in range(2)]
+    assert np.array_equal(np.concatenate(hosts), pb.batch(3)["index"])
+    with pytest.raises(ValueError, match="pairing"):
+        make("sorted")
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_padding_report_matches_the_batches(paired):
+    ex = toy_examples(40)
+    batches = (batching.PairedBatches(ex, range(0, 40, 2), range(1, 40, 2), 6, 0, (64, 128)) if paired
+               else batching.TrainBatches(ex, 8, 3, (64, 128)))
+    epoch = [batches.batch(s) for s in range(batches.steps_per_epoch)]
+    tokens = sum(int(b["attention_mask"].sum()) for b in epoch)
+    slots = sum(b["attention_mask"].size for b in epoch)
+    rows = sum(len(b["index"]) for b in epoch)
+    assert batching.padding_report(batches, 200) == {
+        "tokens": tokens, "pad_fraction_max_length": round(1 - tokens / (rows * 200), 4),
+        "pad_fraction_buckets": round(1 - tokens / slots, 4)}
+
+
 def test_eval_batches_cover_every_example_once():
     ex = toy_examples(23)
-    batches = list(data.eval_batches(ex, 5, (64, 128), pad_id=7))
+    batches = list(batching.eval_batches(ex, 5, (64, 128), pad_id=7))
     index = np.concatenate([b["index"] for b in batches])
     assert len(batches) == 5 and (index == -1).sum() == 2 and (index[-2:] == -1).all()
     assert sorted(index[index >= 0]) == list(range(23))
@@ -364,4 +407,4 @@ def test_eval_batches_cover_every_example_once():
     assert lengths == sorted(lengths)
     for b in batches:
         check_batch(ex, b)
-    assert list(data.eval_batches([], 4, (64,))) == []
+    assert list(batching.eval_batches([], 4, (64,))) == []

@@ -125,3 +125,35 @@ def test_sigterm_saves_exits_nonzero_and_resumes(tmp_path, straight):
     resumed = subprocess.run(cli(stopped), env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same(straight, final_weights(stopped))
+
+
+def test_exported_model_generates_like_transformers(workdir):
+    """The pipeline's HF export in transformers: the same greedy tokens as sftmix_jax.generate,
+    prompts from the chat template exactly as `python -m sftmix_jax.generate` builds them."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from sftmix_jax import generate, hf
+
+    path = os.path.join(workdir, "sftmix", "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    ours = hf.load_pretrained(path)
+    prompts = ["Reverse: hello", "Upper-case: jax", "Sort the digits: 93124", "Add: 12+30", "Copy: ab"]
+    ids = [generate.prompt_ids(tok, p) for p in prompts]
+    upto_eos = lambda row: row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row  # noqa: E731
+    mine = [upto_eos(row) for row in generate.generate(ours, ids, 12)]
+    with torch.no_grad():
+        theirs = [upto_eos(ref.generate(torch.tensor([i]), max_new_tokens=12, do_sample=False,
+                                        pad_token_id=tok.pad_token_id)[0, len(i):].tolist()) for i in ids]
+    assert mine == theirs
+
+
+def test_generate_cli_prints_the_answer(workdir, capsys):
+    from sftmix_jax import generate, hf
+
+    path = os.path.join(workdir, "sftmix", "hf")
+    generate.main(["--model", path, "--prompt", "Sort the digits: 3141", "--max_new_tokens", "8"])
+    tok = hf.load_tokenizer(path)
+    out = generate.generate(hf.load_pretrained(path), [generate.prompt_ids(tok, "Sort the digits: 3141")], 8,
+                            eos_id=tok.eos_token_id)[0]
+    assert capsys.readouterr().out == tok.decode(out, skip_special_tokens=True) + "\n"

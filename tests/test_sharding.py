@@ -10,7 +10,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_config
-from sftmix_jax import confidence, data, hf, sharding, synthetic, train
+from sftmix_jax import batching, confidence, data, hf, sharding, synthetic, train
+from sftmix_jax.model import abstract_model
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
 
@@ -26,7 +27,7 @@ def setup():
     c = tiny_config()
     train_ex, _, _ = data.load_examples(c.data, synthetic.make_tokenizer(), c.seed)
     half = len(train_ex) // 2
-    return c, data.TrainBatches(train_ex, 16, 0, c.data.buckets), data.PairedBatches(
+    return c, batching.TrainBatches(train_ex, 16, 0, c.data.buckets), batching.PairedBatches(
         train_ex, range(half), range(half, 2 * half), 16, 0, c.data.buckets)
 
 
@@ -90,8 +91,8 @@ def test_checkpoint_restores_on_another_mesh_and_replays_the_same(workdir, tmp_p
     train_ex, _, _ = data.load_examples(c.data, synthetic.make_tokenizer(), c.seed)
     steps = json.load(open(os.path.join(workdir, "reference", "done.json")))["replay_steps"]
     with jax.set_mesh(mesh_of((1, 2, 2))):
-        perp = confidence.replay(os.path.join(workdir, "reference", "checkpoints"), steps, train_ex, c.model,
-                                 32, c.data.buckets, 256, cache_dir=str(tmp_path), mesh=mesh_of((1, 2, 2)))
+        perp = confidence.replay(os.path.join(workdir, "reference", "checkpoints"), steps, train_ex,
+                                 abstract_model(hf.model_config(c.model)), 32, c.data.buckets, 256, cache_dir=str(tmp_path), mesh=mesh_of((1, 2, 2)))
     rows = [json.loads(line) for line in open(os.path.join(workdir, "confidence", "scores.jsonl"))]
     np.testing.assert_allclose(perp.T, [r["perplexity"] for r in rows], rtol=1e-4)
 

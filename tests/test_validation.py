@@ -63,3 +63,17 @@ def test_max_length_shorter_than_the_prompt_template():
     c = tiny_config(**{"data.max_length": 40, "data.template": "alpaca"})
     with pytest.raises(ValueError, match=r"max_length=40 is too short: the 'alpaca' template"):
         data.load_examples(c.data, synthetic.make_tokenizer(), 0)
+
+
+def test_workdir_accepts_changed_evaluate_keys_and_records_them(tmp_path):
+    import json
+
+    from sftmix_jax import main
+
+    base = {"train": {"lr": 1.0, "wandb_project": ""}, "evaluate": {"batch_size": 8}, "stages": "reference"}
+    main.check_workdir_config(str(tmp_path), base)
+    changed = {"train": {"lr": 1.0, "wandb_project": "p"}, "evaluate": {"batch_size": 16}, "stages": "evaluate"}
+    main.check_workdir_config(str(tmp_path), changed)
+    assert json.loads((tmp_path / "config.json").read_text()) == changed
+    with pytest.raises(SystemExit, match="differing keys: train.lr"):
+        main.check_workdir_config(str(tmp_path), {**changed, "train": {"lr": 2.0, "wandb_project": "p"}})

@@ -1,0 +1,178 @@
+"""Batches: the shuffled NTP sampler, the confident/unconfident paired sampler, eval batches.
+
+Batches are pure functions of (seed, step), so a resumed run sees the same batches, and
+lengths are padded to a few buckets so that jit compiles a few shapes only.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from sftmix_jax.data import Example
+
+
+def pad_length(n: int, buckets: Sequence[int], fallback: int) -> int:
+    """The smallest bucket >= n; `fallback` when n exceeds them all."""
+    return min((b for b in buckets if b >= n), default=max(fallback, n))
+
+
+def collate(examples: Sequence[Example], rows: np.ndarray, length: int, pad_id: int = 0) -> dict:
+    """Rows (indices into examples, -1 = padding row) -> a batch of [B, length] arrays."""
+    B = len(rows)
+    input_ids_BL = np.full((B, length), pad_id, np.int32)
+    attention_mask_BL = np.zeros((B, length), np.int32)
+    loss_mask_BL = np.zeros((B, length), np.float32)
+    for b, i in enumerate(rows):
+        if i < 0:
+            continue
+        e = examples[i]
+        n = len(e.input_ids)
+        input_ids_BL[b, :n] = e.input_ids
+        attention_mask_BL[b, :n] = 1
+        loss_mask_BL[b, :n] = e.loss_mask
+    # Position t predicts token t+1; the last position predicts nothing.
+    targets_BL = np.full_like(input_ids_BL, pad_id)
+    targets_BL[:, :-1] = input_ids_BL[:, 1:]
+    weights_BL = np.zeros_like(loss_mask_BL)
+    weights_BL[:, :-1] = loss_mask_BL[:, 1:]
+    return {"input_ids": input_ids_BL, "attention_mask": attention_mask_BL,
+            "targets": targets_BL, "weights": weights_BL,
+            "index": np.asarray(rows, np.int32)}
+
+
+class _Batches:
+    """Shared by the samplers: lengths, buckets, the per-process slicing and the epoch cache.
+
+    A sampler defines steps_per_epoch and _epoch_rows(epoch) -> global rows [S, B]; batch(step)
+    is row step % S of epoch step // S, computed once per epoch rather than once per step.
+    """
+
+    def __init__(self, examples, batch_size, seed, buckets, process_index, process_count, pad_id):
+        if batch_size <= 0 or batch_size % process_count:
+            raise ValueError(f"batch_size={batch_size} must be a positive multiple of "
+                             f"process_count={process_count}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.buckets = tuple(sorted(buckets))
+        self.process_index, self.process_count, self.pad_id = process_index, process_count, pad_id
+        self.lengths = np.array([len(e.input_ids) for e in examples], np.int64)
+        # One shape beyond the buckets: the longest example rounded up to a multiple of 64.
+        self.fallback = -(-int(self.lengths.max(initial=1)) // 64) * 64
+        self._cached = None  # (epoch, rows_SB)
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """Global rows [steps_per_epoch, batch_size] of one epoch."""
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, self._epoch_rows(epoch))
+        return self._cached[1]
+
+    def batch(self, step: int) -> dict:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        return self._emit(self.epoch_rows(epoch)[i])
+
+    def _emit(self, rows_B: np.ndarray) -> dict:
+        """Global rows -> this process's contiguous slice; the length comes from the whole
+        global batch so that every process pads alike."""
+        length = pad_length(int(self.lengths[rows_B].max()), self.buckets, self.fallback)
+        local = np.array_split(rows_B, self.process_count)[self.process_index]
+        return collate(self.examples, local, length, self.pad_id)
+
+
+class TrainBatches(_Batches):
+    """Epochs of seeded permutations; batch(step) is a pure function of (seed, step)."""
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int,
+                 buckets: Sequence[int], process_index: int = 0, process_count: int = 1,
+                 *, pad_id: int = 0):
+        super().__init__(examples, batch_size, seed, buckets, process_index, process_count, pad_id)
+        if len(examples) < batch_size:
+            raise ValueError(f"the training set has {len(examples)} usable examples, fewer than one batch "
+                             f"(config.train.batch_size={batch_size}): use more data or a smaller batch")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.examples) // self.batch_size  # drop_last
+
+    def _epoch_rows(self, epoch: int) -> np.ndarray:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+        S, B = self.steps_per_epoch, self.batch_size
+        return order[: S * B].reshape(S, B)
+
+
+class PairedBatches(_Batches):
+    """SFTMix batches of B/2 pairs: row 2k confident, row 2k+1 unconfident.
+
+    Each half is permuted per (seed, epoch) independently and the k-th draws are paired
+    ('random', the paper's pairing). 'length': within each window of `pair_window` draws both
+    halves are sorted by response length and paired in order, then the pairs are shuffled, so
+    that Mixup (aligned over min(N_c, N_u) response tokens) truncates less; each half is still
+    drawn once per epoch. Adjacent pairs survive any contiguous split: hosts, devices and
+    micro-batches get whole pairs.
+    """
+
+    def __init__(self, examples: Sequence[Example], confident: Sequence[int],
+                 unconfident: Sequence[int], batch_size: int, seed: int,
+                 buckets: Sequence[int], process_index: int = 0, process_count: int = 1,
+                 *, pad_id: int = 0, pairing: str = "random", pair_window: int = 256):
+        if batch_size % (2 * process_count):
+            raise ValueError(f"batch_size={batch_size} must be even (confident/unconfident pairs), "
+                             f"with an even number of rows on each of {process_count} processes")
+        if pairing not in ("random", "length"):
+            raise ValueError(f"pairing={pairing!r}: use 'random' or 'length'")
+        super().__init__(examples, batch_size, seed, buckets, process_index, process_count, pad_id)
+        self.halves = [np.asarray(confident, np.int64), np.asarray(unconfident, np.int64)]
+        for h in self.halves:
+            if h.size and (h.min() < 0 or h.max() >= len(examples)):
+                raise ValueError("confident/unconfident indices out of range of examples")
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"halves of {[len(h) for h in self.halves]} rows are smaller "
+                             f"than batch_size/2={batch_size // 2}")
+        self.pairing, self.pair_window = pairing, pair_window
+        if pairing == "length":
+            self.response_lengths = np.array([int(e.loss_mask.sum()) for e in examples], np.int64)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return min(len(h) for h in self.halves) // (self.batch_size // 2)
+
+    def _epoch_rows(self, epoch: int) -> np.ndarray:
+        S, B = self.steps_per_epoch, self.batch_size
+        n = S * B // 2  # pairs this epoch
+        c_N, u_N = (h[np.random.default_rng([self.seed, epoch, which]).permutation(len(h))[:n]]
+                    for which, h in enumerate(self.halves))
+        if self.pairing == "length":
+            window_N = np.arange(n) // self.pair_window
+            c_N, u_N = (x[np.lexsort((self.response_lengths[x], window_N))] for x in (c_N, u_N))
+            shuffle_N = np.random.default_rng([self.seed, epoch, 2]).permutation(n)
+            c_N, u_N = c_N[shuffle_N], u_N[shuffle_N]
+        return np.stack([c_N, u_N], 1).reshape(S, B)  # c0 u0 c1 u1 ...
+
+
+def padding_report(batches: _Batches, max_length: int) -> dict:
+    """Pad tokens / all tokens over one epoch of global batches: every row padded to
+    max_length vs our length buckets (each process pads its slice to the global length)."""
+    rows_SB = batches.epoch_rows(0)
+    lengths_SB = batches.lengths[rows_SB]
+    tokens = int(lengths_SB.sum())
+    padded_S = [pad_length(int(n), batches.buckets, batches.fallback) for n in lengths_SB.max(1)]
+    return {"tokens": tokens,
+            "pad_fraction_max_length": round(1 - tokens / (rows_SB.size * max_length), 4),
+            "pad_fraction_buckets": round(1 - tokens / (sum(padded_S) * rows_SB.shape[1]), 4)}
+
+
+def eval_batches(examples: Sequence[Example], batch_size: int, buckets: Sequence[int],
+                 *, pad_id: int = 0) -> Iterator[dict]:
+    """Every example once, shortest first (less padding); the last batch padded with -1 rows."""
+    if not examples:
+        return
+    batches = _Batches(examples, batch_size, 0, buckets, 0, 1, pad_id)
+    order = np.argsort(batches.lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        rows = order[start: start + batch_size]
+        rows = np.concatenate([rows, np.full(batch_size - len(rows), -1, np.int64)])
+        length = pad_length(int(batches.lengths[rows[rows >= 0]].max()), batches.buckets,
+                            batches.fallback)
+        yield collate(examples, rows, length, pad_id)

@@ -1,0 +1,140 @@
+"""Reports of a workdir: summary.md (NTP reference vs SFTMix) and loss_curves.png.
+
+    python -m sftmix_jax.report --workdir DIR
+
+rebuilds both from DIR/summary.json and DIR/{reference,sftmix}/metrics.jsonl, without any
+model compute; the evaluate stage calls `write` with the summary it has just computed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from etils import epath
+
+RUNS = (("reference", "NTP reference"), ("sftmix", "SFTMix"))
+# (alt text, path relative to the workdir), embedded in summary.md when present
+IMAGES = (("loss curves", "loss_curves.png"), ("data map", "confidence/data_map.png"))
+
+
+def read_metrics(path) -> list[dict]:
+    """metrics.jsonl rows by step; [] when absent. A torn line (a killed run) is skipped."""
+    path = epath.Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return sorted(rows, key=lambda r: r["step"])
+
+
+def loss_curves(workdir: str, path: str) -> bool:
+    """Train and held-out loss vs step of both runs; False (nothing written) when neither has metrics."""
+    runs = {label: read_metrics(epath.Path(workdir, stage, "metrics.jsonl")) for stage, label in RUNS}
+    if not any(runs.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for (label, rows), color in zip(runs.items(), ("tab:blue", "tab:orange")):
+        # The NTP term is what both runs share; SFTMix's total (NTP + mu * Mixup) is drawn dashed.
+        ntp = [(r["step"], r.get("ntp_loss", r["loss"])) for r in rows if "loss" in r]
+        total = [(r["step"], r["loss"]) for r in rows if "mixup_loss" in r]
+        held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+        for ax, points, style, name in ((train_ax, ntp, "-", label), (train_ax, total, "--", f"{label}: NTP + mu * Mixup"),
+                                        (eval_ax, held, "o-", label)):
+            if points:
+                ax.plot(*zip(*points), style, color=color, label=name, markersize=3)
+    train_ax.set(xlabel="step", ylabel="loss", title="Train loss")
+    eval_ax.set(xlabel="step", ylabel="loss", title="Held-out response loss")
+    for ax in (train_ax, eval_ax):
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    with epath.Path(path).open("wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def summary_markdown(summary: dict | None, images=(), config: dict | None = None) -> str:
+    """The report: metrics table (with SFTMix - NTP when both ran), images, config."""
+    lines = ["# NTP reference vs SFTMix", ""]
+    results = (summary or {}).get("results") or {}
+    if not results:
+        lines += ["No evaluation results yet: run the `evaluate` stage.", ""]
+    else:
+        names = list(results)
+        rows = [("held-out loss", lambda m: m.get("loss"), "{:.4f}"),
+                ("held-out perplexity", lambda m: m.get("perplexity"), "{:.3f}")]
+        tasks = sorted({t for m in results.values() for t in m.get("exact_match", {})}, key=lambda t: (t != "all", t))
+        rows += [(f"exact match: {t}", lambda m, t=t: m.get("exact_match", {}).get(t), "{:.3f}") for t in tasks]
+        if any("multiple_choice" in m for m in results.values()):
+            rows += [(f"multiple choice accuracy ({kind})", lambda m, k=key: m.get("multiple_choice", {}).get(k), "{:.3f}")
+                     for kind, key in (("summed log-lik", "accuracy"), ("per-token log-lik", "accuracy_norm"))]
+        pair = len(names) == 2
+        text = f"Held-out set: {summary['heldout_examples']} examples."
+        mc = next((m["multiple_choice"] for m in results.values() if "multiple_choice" in m), None)
+        if mc:
+            source = (config or {}).get("evaluate", {}).get("multiple_choice", {}).get("source")
+            text += (f" Multiple choice: {mc['questions']} questions" + (f" of `{source}`" if source else "")
+                     + ", each option scored by its log-likelihood.")
+        lines += [text + " Lower loss / perplexity and higher accuracy / exact match are better.", "",
+                  "| metric | " + " | ".join(names) + (" | SFTMix - NTP |" if pair else " |"),
+                  "|---|" + "---|" * (len(names) + pair)]
+        for label, get, fmt in rows:
+            vals = [get(results[n]) for n in names]
+            cells = ["-" if v is None else fmt.format(v) for v in vals]
+            if pair:
+                cells.append("-" if None in vals else f"{vals[1] - vals[0]:+.4f}")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [f"![{alt}]({path})\n" for alt, path in images]
+    if config:
+        lines += ["## Config", "", "```json", json.dumps(config, indent=2, sort_keys=True), "```", ""]
+    return "\n".join(lines)
+
+
+def write(workdir: str, summary: dict | None = None) -> list[str]:
+    """summary.json (when `summary` is given; else read back), loss_curves.png and summary.md.
+
+    Returns the paths written. Call it from one process only.
+    """
+    root = epath.Path(workdir)
+    written = []
+    if summary is not None:
+        (root / "summary.json").write_text(json.dumps(summary, indent=2))
+        written.append(str(root / "summary.json"))
+    elif (root / "summary.json").exists():
+        summary = json.loads((root / "summary.json").read_text())
+    if loss_curves(workdir, str(root / "loss_curves.png")):
+        written.append(str(root / "loss_curves.png"))
+    config = (summary or {}).get("config")
+    if config is None and (root / "config.json").exists():
+        config = json.loads((root / "config.json").read_text())
+    images = [(alt, path) for alt, path in IMAGES if (root / path).exists()]
+    (root / "summary.md").write_text(summary_markdown(summary, images, config))
+    written.append(str(root / "summary.md"))
+    return written
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Rebuild summary.md and loss_curves.png of a workdir.")
+    parser.add_argument("--workdir", required=True, help="a pipeline workdir (local or gs://)")
+    args = parser.parse_args(argv)
+    if not epath.Path(args.workdir).is_dir():
+        raise SystemExit(f"{args.workdir} is not a directory")
+    for path in write(args.workdir):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
