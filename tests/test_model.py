@@ -3,6 +3,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -165,3 +166,18 @@ def test_unused_tensor_is_named(good_dir, tmp_path):
 def test_not_a_model_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         hf.load_pretrained(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("L,N,K", [(200, 4, 2), (64, 4, 4), (7, 6, 3)])
+def test_causal_attention_matches_dot_product_attention(L, N, K):
+    """The blockwise causal path (training) against jax.nn.dot_product_attention, with gradients;
+    L=200 leaves a partial last block."""
+    from sftmix_jax.model import causal_attention
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, L, n, 16)) for i, n in enumerate((N, K, K)))
+    ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=0.25)  # noqa: E731
+    ours = lambda q, k, v: causal_attention(q, k, v, 0.25)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(ours(q, k, v)), np.asarray(ref(q, k, v)), atol=1e-5)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
+    for a, b in zip(jax.grad(loss(ours), (0, 1, 2))(q, k, v), jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
