@@ -98,6 +98,9 @@ class Dense(nnx.Module):
         self.eq, self.dtype = eq, cfg.dtype
         x_spec, k_spec = eq.split("->")[0].split(",")
         self.num_in = sum(c in x_spec for c in k_spec)  # kernel dims contracted with x (leading)
+        # LoRA's two einsums: x [batch.., in..] -> [batch.., R] -> [batch.., out..]
+        batch, k_in, k_out = x_spec[:-self.num_in], k_spec[:self.num_in], k_spec[self.num_in:]
+        self.lora_eqs = (f"{x_spec},{k_in}R->{batch}R", f"{batch}R,R{k_out}->{batch}{k_out}")
         self.lora_a = self.lora_b = nnx.data(None)  # low-rank adapters, attached by lora.add
         self.lora_scale = 0.0
         self.kernel = _param(rngs, shape, names, cfg.param_dtype, cfg.initializer_range)
@@ -111,10 +114,9 @@ class Dense(nnx.Module):
         x = x.astype(self.dtype)
         y = jnp.einsum(self.eq, x, self.kernel[...].astype(self.dtype))
         if self.lora_a is not None:  # + scale * B (A x): [.., in] -> [.., r] -> [.., out]
-            x_spec, k_spec = self.eq.split("->")[0].split(",")
-            batch, k_in, k_out = x_spec[:-self.num_in], k_spec[:self.num_in], k_spec[self.num_in:]
-            r_ = jnp.einsum(f"{x_spec},{k_in}R->{batch}R", x, self.lora_a[...].astype(self.dtype))
-            y = y + self.lora_scale * jnp.einsum(f"{batch}R,R{k_out}->{batch}{k_out}", r_, self.lora_b[...].astype(self.dtype))
+            eq_a, eq_b = self.lora_eqs
+            r_ = jnp.einsum(eq_a, x, self.lora_a[...].astype(self.dtype))
+            y = y + self.lora_scale * jnp.einsum(eq_b, r_, self.lora_b[...].astype(self.dtype))
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
@@ -132,14 +134,16 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(x_BLD.dtype) * x.astype(x_BLD.dtype)
 
 
-def float64_attention(q_BLNH, k_BSKH, v_BSKH, *, mask, is_causal, scale):
-    """jax.nn.dot_product_attention (xla) with the softmax in float64: that one is always float32."""
+def float64_attention(q_BLNH, k_BSKH, v_BSKH, *, mask, scale):
+    """Masked jax.nn.dot_product_attention with the softmax in float64 (that one is always float32).
+
+    mask: [B, 1, L, S]. The unmasked causal path is `causal_attention`, which keeps float64 itself.
+    """
     B, L, N, H = q_BLNH.shape
-    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    K = k_BSKH.shape[2]
     q_BLKGH = q_BLNH.reshape(B, L, K, N // K, H)  # query head n attends with kv head n // (N/K)
     logits_BKGLS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BLKGH, k_BSKH) * scale
-    allowed = jnp.tril(jnp.ones((L, S), bool)) if is_causal else mask[:, :, None]  # mask: [B, 1, L, S]
-    logits_BKGLS = jnp.where(allowed, logits_BKGLS, jnp.finfo(logits_BKGLS.dtype).min)
+    logits_BKGLS = jnp.where(mask[:, :, None], logits_BKGLS, jnp.finfo(logits_BKGLS.dtype).min)
     probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1)
     return jnp.einsum("BKGLS,BSKH->BLKGH", probs_BKGLS, v_BSKH).reshape(B, L, N, H)
 
@@ -187,15 +191,11 @@ class Attention(nnx.Module):
         if mask_BLS is None:  # training / scoring: right-padded rows need the causal mask only
             out_BLNH = causal_attention(q_BLNH, k_BLKH.astype(q_BLNH.dtype), v_BLKH.astype(q_BLNH.dtype), self.scale)
             return self.o(out_BLNH), cache
-        attend = float64_attention if q_BLNH.dtype == jnp.float64 else jax.nn.dot_product_attention
-        out_BLNH = attend(
-            q_BLNH,
-            k_BLKH.astype(q_BLNH.dtype),
-            v_BLKH.astype(q_BLNH.dtype),
-            mask=None if mask_BLS is None else mask_BLS[:, None],
-            is_causal=mask_BLS is None,
-            scale=self.scale,
-        )
+        k_BLKH, v_BLKH = k_BLKH.astype(q_BLNH.dtype), v_BLKH.astype(q_BLNH.dtype)
+        if q_BLNH.dtype == jnp.float64:
+            out_BLNH = float64_attention(q_BLNH, k_BLKH, v_BLKH, mask=mask_BLS[:, None], scale=self.scale)
+        else:
+            out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, mask=mask_BLS[:, None], scale=self.scale)
         return self.o(out_BLNH), cache
 
 

@@ -45,6 +45,18 @@ def tiny_config(**kw):
     return c
 
 
+def mesh_of(shape):
+    """A (data, fsdp, tensor) mesh over the first d*f*t of the simulated devices."""
+    import jax
+    import ml_collections
+
+    from sftmix_jax import sharding
+
+    d, f, t = shape
+    cfg = ml_collections.ConfigDict(dict(data=d, fsdp=f, tensor=t, dcn_data=1))
+    return sharding.make_mesh(cfg, jax.devices()[: d * f * t])
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("pipeline"))

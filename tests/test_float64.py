@@ -5,24 +5,17 @@ Runs under jax.enable_x64 (a context manager) so the rest of the session stays f
 """
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import tiny_config
+from conftest import mesh_of, tiny_config
 from sftmix_jax import batching, data, hf, main, sharding, synthetic, train
-from sftmix_jax.model import float64_attention
+from sftmix_jax.model import causal_attention, float64_attention
 
 F64 = {"model.dtype": "float64", "model.param_dtype": "float64"}
 FAST = {**F64, "model.init.num_layers": 1}  # fewer layers, faster compiles
 SHARDED = (1, 4, 2)  # (data, fsdp, tensor): parameters, heads and vocabulary all split
-
-
-def mesh_of(shape):
-    d, f, t = shape
-    cfg = ml_collections.ConfigDict(dict(data=d, fsdp=f, tensor=t, dcn_data=1))
-    return sharding.make_mesh(cfg, jax.devices()[: d * f * t])
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +41,13 @@ def test_float64_attention_is_dot_product_attention_in_float64():
     with jax.enable_x64(True):
         q, k, v = (jnp.asarray(r.normal(size=(2, 6, n, 8))) for n in (4, 2, 2))
         mask = jnp.asarray(r.random((2, 1, 6, 6)) > 0.3).at[0, 0, 2].set(False)  # one row fully masked
-        for kw in (dict(mask=None, is_causal=True), dict(mask=mask, is_causal=False)):
-            want = jax.nn.dot_product_attention(q, k, v, scale=0.3, **kw)  # its softmax is float32
-            got = float64_attention(q, k, v, scale=0.3, **kw)
-            assert got.dtype == jnp.float64
-            np.testing.assert_allclose(got, want, atol=1e-6)
+        want = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=0.3)  # its softmax is float32
+        got = float64_attention(q, k, v, mask=mask, scale=0.3)
+        assert got.dtype == jnp.float64
+        np.testing.assert_allclose(got, want, atol=1e-6)
+        causal = causal_attention(q, k, v, 0.3, block=4)  # the unmasked path keeps float64 too
+        assert causal.dtype == jnp.float64
+        np.testing.assert_allclose(causal, jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=0.3), atol=1e-6)
 
 
 def _grads(shape, c, batch):

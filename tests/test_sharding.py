@@ -3,23 +3,16 @@ import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from conftest import tiny_config
+from conftest import mesh_of, tiny_config
 from sftmix_jax import batching, confidence, data, hf, sharding, synthetic, train
 from sftmix_jax.model import abstract_model
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
-
-
-def mesh_of(shape):
-    d, f, t = shape
-    cfg = ml_collections.ConfigDict(dict(data=d, fsdp=f, tensor=t, dcn_data=1))
-    return sharding.make_mesh(cfg, jax.devices()[: d * f * t])
 
 
 @pytest.fixture(scope="module")
