@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sftmix_jax import evaluate, hf, train
+from sftmix_jax import evaluate, hf, train, xla_cpu
 from sftmix_jax.model import ModelConfig, init_model
 
 SHAPES = {
@@ -159,7 +159,8 @@ def main():
             "ntp": train.make_train_step(graphdef, tx, train.ntp_loss_fn(chunk)),
             "sftmix": train.make_train_step(graphdef, tx, train.sftmix_loss_fn(0.2, 0.5, False, True, chunk)),
         }
-        replay_fn = jax.jit(lambda state, b: evaluate._example_nll(graphdef, state, b))
+        replay_fn = jax.jit(lambda state, b: evaluate.nll_forward(graphdef, state, b),
+                            compiler_options=xla_cpu.compiler_options())
         for k in kinds:
             if k in jax_fns:
                 state = [jax.tree.map(jnp.array, params), tx.init(params)]

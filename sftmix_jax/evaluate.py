@@ -19,13 +19,12 @@ from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
-from sftmix_jax import losses, sharding
+from sftmix_jax import losses, sharding, xla_cpu
 from sftmix_jax.batching import eval_batches
 from sftmix_jax.generate import generate
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _example_nll(graphdef, state, batch):
+def nll_forward(graphdef, state, batch):
     """Forward only: per-row summed response NLL and token count, replicated to every host."""
     model = nnx.merge(graphdef, state)
     logits_BLV = model.head(model.hidden(batch["input_ids"]))
@@ -33,6 +32,15 @@ def _example_nll(graphdef, state, batch):
     # where(), not a product: padding rows must not turn a NaN into the sum
     nll_B = jnp.sum(jnp.where(batch["weights"] > 0, nll_BL, 0.0), -1)
     return sharding.constrain(nll_B, (None,)), sharding.constrain(jnp.sum(batch["weights"], -1), (None,))
+
+
+@functools.cache
+def _jitted_nll_forward():  # built on first use: the compile options depend on the backend
+    return jax.jit(nll_forward, static_argnames=("graphdef",), compiler_options=xla_cpu.compiler_options())
+
+
+def _example_nll(graphdef, state, batch):
+    return _jitted_nll_forward()(graphdef, state, batch)
 
 
 def example_nll(model, examples, batch_size, buckets, pad_id=0, mesh=None, desc=None):

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 from tqdm.auto import tqdm
 
-from sftmix_jax import lora, losses, sharding
+from sftmix_jax import lora, losses, sharding, xla_cpu
 from sftmix_jax.evaluate import heldout_loss
 
 
@@ -114,12 +114,12 @@ def make_train_step(graphdef, tx, loss_fn, accum: int = 1, shardings=None, skip_
         return new_params, new_opt_state, metrics
 
     if shardings is None:
-        jitted = jax.jit(step, donate_argnums=(0, 1))
+        jitted = jax.jit(step, donate_argnums=(0, 1), compiler_options=xla_cpu.compiler_options())
     else:  # frozen weights keep the shardings they were loaded with (None: taken from the arrays)
         p_sh, o_sh, b_sh = shardings
         rep = sharding.replicated(b_sh.mesh)
         jitted = jax.jit(step, in_shardings=(p_sh, o_sh, b_sh, rep, None), out_shardings=(p_sh, o_sh, rep),
-                         donate_argnums=(0, 1))
+                         donate_argnums=(0, 1), compiler_options=xla_cpu.compiler_options())
     return lambda params, opt_state, batch, rng, frozen=None: jitted(
         params, opt_state, batch, rng, nnx.State({}) if frozen is None else frozen)
 
