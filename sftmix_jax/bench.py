@@ -162,7 +162,7 @@ def main():
         replay_fn = jax.jit(lambda state, b: evaluate.nll_forward(graphdef, state, b),
                             compiler_options=xla_cpu.compiler_options())
         for k in kinds:
-            if k in jax_fns:
+            if k in jax_fns:  # its own copy: the step donates (consumes) its state
                 state = [jax.tree.map(jnp.array, params), tx.init(params)]
 
                 def run(fn=jax_fns[k], state=state):
@@ -172,6 +172,8 @@ def main():
             elif k == "replay":
                 eval_batch = {k2: batch[k2] for k2 in ("input_ids", "targets", "weights")}
                 steps[k] = lambda: jax.block_until_ready(replay_fn(params, eval_batch))
+        if args.only and args.only != "replay":  # memory subprocess: hold one copy of the weights, as torch does
+            del model, params
     if any(k.startswith("torch") for k in kinds):
         steps.update({k: v for k, v in torch_steps(cfg, np_batch).items() if k in kinds})
     for k in kinds:  # compile + warm up
