@@ -9,8 +9,10 @@ step, and with --torch the same two steps with transformers' LlamaForCausalLM an
 .AdamW on the same shape, batch and machine. Every step is warmed up, then all are timed in
 alternating rounds (`--rounds` x `--steps`) so machine drift hits them alike; medians are
 reported with ratios. --memory measures each step kind's peak host memory in a fresh
-subprocess that runs only that step (peak RSS: runtime, model, optimizer state and the step). MFU counts 6*N*tokens (+ attention)
-against --peak-tflops (default: 0.14, this project's 2-core CPU reference). Not a test.
+subprocess that runs only that step (peak RSS: runtime, model, optimizer state and the step;
+freed heap pages left over from compilation are given back first, in every framework alike). MFU counts 6*N*tokens (+ attention)
+against --peak-tflops: by default, on CPU, the best of five 2048^3 float32 matmuls measured in the
+same run; on accelerators, the chip's dense bfloat16 spec (PEAK_TFLOPS). Not a test.
 """
 import argparse
 import json
@@ -35,6 +37,9 @@ SHAPES = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                     num_kv_heads=3, head_dim=64, tie_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5),
 }
+# Dense bfloat16 TFLOP/s per chip, by device_kind prefix (vendor specs)
+PEAK_TFLOPS = {"NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0, "TPU v4": 275.0,
+               "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0}
 DEFAULT_BATCH = {"tiny": (32, 32), "small": (8, 256), "smollm2": (4, 256)}
 OPT = ml_collections.ConfigDict(dict(lr=1e-4, min_lr_ratio=0.1, warmup_ratio=0.1, weight_decay=0.1,
                                      grad_clip=1.0, b1=0.9, b2=0.95, eps=1e-8))
@@ -113,6 +118,36 @@ def flops_per_token(cfg: ModelConfig, L: int) -> float:
     return 6 * n + 6 * cfg.num_layers * L * N * H
 
 
+def trim_heap() -> None:
+    """glibc: give freed heap pages (compilation, warm-up) back, so peaks count live memory only."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def device_peak_tflops() -> float:
+    """CPU: measured (best of 5 jitted 2048^3 float32 matmuls); accelerators: PEAK_TFLOPS."""
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        for prefix, peak in PEAK_TFLOPS.items():
+            if dev.device_kind.startswith(prefix):
+                return peak
+        raise SystemExit(f"no peak known for {dev.device_kind!r}: pass --peak-tflops")
+    n = 2048
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e12
+
+
 def reset_peak_rss() -> None:
     """Linux: restart the peak-RSS counter (VmHWM) at the current RSS."""
     with open("/proc/self/clear_refs", "w") as f:
@@ -137,7 +172,7 @@ def main():
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--torch", action="store_true", help="also time PyTorch + transformers on the same shape")
     p.add_argument("--memory", action="store_true", help="peak memory of each step kind, in subprocesses")
-    p.add_argument("--peak-tflops", type=float, default=0.14, help="device peak for MFU (CPU here: 0.14)")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (0: measured / known)")
     p.add_argument("--only", default="", help=argparse.SUPPRESS)  # one step kind: the memory subprocess
     args = p.parse_args()
     B, L = args.batch or DEFAULT_BATCH[args.shape][0], args.seq or DEFAULT_BATCH[args.shape][1]
@@ -160,7 +195,7 @@ def main():
             "sftmix": train.make_train_step(graphdef, tx, train.sftmix_loss_fn(0.2, 0.5, False, True, chunk)),
         }
         replay_fn = jax.jit(lambda state, b: evaluate.nll_forward(graphdef, state, b),
-                            compiler_options=xla_cpu.compiler_options())
+                            compiler_options=xla_cpu.compiler_options("forward"))
         for k in kinds:
             if k in jax_fns:  # its own copy: the step donates (consumes) its state
                 state = [jax.tree.map(jnp.array, params), tx.init(params)]
@@ -180,10 +215,12 @@ def main():
         for _ in range(2):
             steps[k]()
     if args.only:  # memory subprocess: peak RSS over two more steps (model + state resident)
+        trim_heap()
         reset_peak_rss()
+        before = peak_rss_mb()  # resident before the measured steps: runtime, weights, state, compiled step
         for _ in range(2):
             steps[args.only]()
-        print(json.dumps({"peak_mb": peak_rss_mb()}))
+        print(json.dumps({"peak_mb": peak_rss_mb(), "resident_mb": before}))
         return
     times = {k: [] for k in kinds}
     for _ in range(args.rounds):
@@ -192,16 +229,17 @@ def main():
                 t = time.perf_counter()
                 steps[k]()
                 times[k].append(time.perf_counter() - t)
+    peak = args.peak_tflops or device_peak_tflops()
     tokens = int(np_batch["attention_mask"].sum())
     padded = B * L
     fpt = flops_per_token(cfg, L)
     res = {"device": str(jax.devices()[0].device_kind), "shape": args.shape, "params": int(n_params),
-           "batch": [B, L], "real_tokens": tokens, "dtype": args.dtype, "peak_tflops": args.peak_tflops}
+           "batch": [B, L], "real_tokens": tokens, "dtype": args.dtype, "peak_tflops": peak}
     for k in kinds:
         sec = float(np.median(times[k]))
         train_flops = fpt * padded if k != "replay" else fpt * padded / 3  # forward only: 1/3
         res[k] = {"step_ms": 1000 * sec, "tokens_per_s": tokens / sec,
-                  "mfu": train_flops / sec / (args.peak_tflops * 1e12)}
+                  "mfu": train_flops / sec / (peak * 1e12)}
     if args.memory:
         import subprocess
         import sys
@@ -212,7 +250,7 @@ def main():
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             res[k]["peak_mb"] = json.loads(out)["peak_mb"]
     print(f"{args.shape}: {n_params / 1e6:.1f}M params, batch {B}x{L} ({tokens} real tokens), "
-          f"{res['device']}, {args.dtype}")
+          f"{res['device']}, {args.dtype}, peak {1000 * peak:.0f} GFLOP/s")
     for k in kinds:
         mem = f"   peak RSS {res[k]['peak_mb']:7.0f} MB" if "peak_mb" in res[k] else ""
         print(f"  {k:13s} {res[k]['step_ms']:9.1f} ms  {res[k]['tokens_per_s']:9.0f} tokens/s  "

@@ -36,7 +36,7 @@ def nll_forward(graphdef, state, batch):
 
 @functools.cache
 def _jitted_nll_forward():  # built on first use: the compile options depend on the backend
-    return jax.jit(nll_forward, static_argnames=("graphdef",), compiler_options=xla_cpu.compiler_options())
+    return jax.jit(nll_forward, static_argnames=("graphdef",), compiler_options=xla_cpu.compiler_options("forward"))
 
 
 def _example_nll(graphdef, state, batch):

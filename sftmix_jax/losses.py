@@ -156,9 +156,12 @@ def mixup_loss_from_logits(logits_BLV, targets_BL, weights_BL, lam_K, max_tokens
     count_B = jnp.minimum(jnp.sum(weights_BL > 0, axis=1, dtype=jnp.int32), N)
     M_K = jnp.minimum(count_B[0::2], count_B[1::2])
     valid_KN = (jnp.arange(N)[None, :] < M_K[:, None]).astype(jnp.float32)
-    lam_K11 = lam_K[:, None, None]
     acc = jnp.promote_types(logits_BNV.dtype, jnp.float32)
-    mixed_KNV = lam_K11 * logits_BNV[0::2].astype(acc) + (1.0 - lam_K11) * logits_BNV[1::2].astype(acc)
+    # [K, 2, N, V] weighted over the pair axis: its gradient is one broadcast multiply, where the
+    # strided row slices [0::2] / [1::2] would each pad back to full [B, N, V] and be added.
+    lam_K2 = jnp.stack([lam_K, 1.0 - lam_K], axis=1)
+    logits_K2NV = logits_BNV.reshape(K, 2, *logits_BNV.shape[1:]).astype(acc)
+    mixed_KNV = jnp.einsum("KSNV,KS->KNV", logits_K2NV, lam_K2, precision=jax.lax.Precision.HIGHEST)
     lam_K1 = lam_K[:, None]
     total = (jnp.sum(lam_K1 * valid_KN * cross_entropy(mixed_KNV, y_BN[0::2]))
              + jnp.sum((1.0 - lam_K1) * valid_KN * cross_entropy(mixed_KNV, y_BN[1::2])))

@@ -114,12 +114,12 @@ def make_train_step(graphdef, tx, loss_fn, accum: int = 1, shardings=None, skip_
         return new_params, new_opt_state, metrics
 
     if shardings is None:
-        jitted = jax.jit(step, donate_argnums=(0, 1), compiler_options=xla_cpu.compiler_options())
+        jitted = jax.jit(step, donate_argnums=(0, 1), compiler_options=xla_cpu.compiler_options("train"))
     else:  # frozen weights keep the shardings they were loaded with (None: taken from the arrays)
         p_sh, o_sh, b_sh = shardings
         rep = sharding.replicated(b_sh.mesh)
         jitted = jax.jit(step, in_shardings=(p_sh, o_sh, b_sh, rep, None), out_shardings=(p_sh, o_sh, rep),
-                         donate_argnums=(0, 1), compiler_options=xla_cpu.compiler_options())
+                         donate_argnums=(0, 1), compiler_options=xla_cpu.compiler_options("train"))
     return lambda params, opt_state, batch, rng, frozen=None: jitted(
         params, opt_state, batch, rng, nnx.State({}) if frozen is None else frozen)
 

@@ -3,15 +3,18 @@
 XLA:CPU (jaxlib 0.10) hands matmuls to YNNPACK, whose float32 GEMMs round 3-5x more than Eigen's
 or PyTorch's (relative error vs float64 on SmolLM2's shapes: 0.9-1.6e-6 against 3.3e-7 for
 Eigen and 3.7-5.1e-7 for torch). So `prefer_accurate_matmuls`, called when sftmix_jax is
-imported, turns YNNPACK off process-wide: SmolLM2-135M's logits then agree with transformers to
-8.1e-5 instead of 1.2e-4 (and with float64 to 5.3e-5, tighter than transformers' 6.8e-5).
+imported, turns YNNPACK off process-wide: SmolLM2-135M's float32 logits are then 7.9e-5 - 8.9e-5
+from exact float64 ones (transformers': 6.8e-5) instead of 1.1e-4.
 
-The train step and the replay / eval forward pass are compiled with `compiler_options()`
-instead, which lets YNNPACK take the matmuls and the elementwise ops around them (SiLU, RoPE,
-norms, residual adds). That removes most of the transposed copies XLA's own loop fusions make
-for the weight gradients, and the NTP step runs ~15% faster on this project's 2-core CPU
-(python -m sftmix_jax.bench). Rounding at 1e-6 does not matter there. The cost is more XLA
-scratch memory: on the small bench shape, 515 vs 419 MiB for NTP and 643 vs 452 MiB for SFTMix.
+The hot jitted steps get YNNPACK back through `compiler_options(kind)`, where rounding at 1e-6
+does not matter and speed does:
+- "train": YNNPACK for the matmuls only (XLA's own default). Letting YNNPACK also fuse the
+  elementwise ops (SiLU, RoPE, norms, residual adds) made the NTP step ~15% faster on an earlier
+  machine, but on this AMD EPYC 2-core one it was no faster (small bench shape, one process,
+  alternating: NTP 728 vs 722 ms, SFTMix 760 vs 792 ms; SmolLM2 shape NTP 6.43 vs 6.72 s) and
+  costs scratch memory (small: NTP 515 vs 395 MiB, SFTMix 579 vs 458 MiB).
+- "forward" (confidence replay, held-out loss): matmuls and elementwise ops both in YNNPACK,
+  ~18% faster (small shape replay 175 vs 214 ms); a forward pass keeps little memory anyway.
 
 Neither applies when XLA_FLAGS already sets --xla_cpu_experimental_ynn_fusion_type: set it
 there to choose for yourself. Neither applies off the CPU backend.
@@ -22,7 +25,10 @@ import importlib.util
 import os
 
 YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
-OPTIONS = {YNN_FLAG: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"}
+OPTIONS = {  # per kind of jitted step (see the module docstring)
+    "train": {YNN_FLAG: "LIBRARY_FUSION_TYPE_DOT"},
+    "forward": {YNN_FLAG: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"},
+}
 # jaxlib versions known to have the flag: XLA aborts on an unknown flag in XLA_FLAGS
 KNOWN_JAXLIB = ((0, 10), (0, 11))
 _user_choice = YNN_FLAG in os.environ.get("XLA_FLAGS", "")
@@ -45,15 +51,19 @@ def prefer_accurate_matmuls() -> bool:
 
 
 @functools.cache
-def compiler_options() -> dict | None:
-    """`compiler_options` for the hot jitted steps: OPTIONS on CPU, else None (call after backend setup)."""
+def compiler_options(kind: str) -> dict | None:
+    """`compiler_options` for a hot jitted step ("train" or "forward"): OPTIONS[kind] on CPU, else None.
+
+    Call after backend setup.
+    """
     import jax
     import jax.numpy as jnp
 
+    options = OPTIONS[kind]
     if _user_choice or jax.default_backend() != "cpu":
         return None
     try:  # older jaxlib: no such option
-        jax.jit(lambda x: x * 2, compiler_options=OPTIONS).lower(jnp.ones(2)).compile()
+        jax.jit(lambda x: x * 2, compiler_options=options).lower(jnp.ones(2)).compile()
     except Exception:  # noqa: BLE001 - any rejection means: compile with XLA's defaults
         return None
-    return OPTIONS
+    return options

@@ -26,9 +26,10 @@ def test_default_matmuls_are_as_accurate_as_eigen():
     assert relative_error(f) < 6e-7
 
 
-def test_hot_steps_compile_with_ynnpack_fusions():
-    opts = xla_cpu.compiler_options()
-    assert opts == xla_cpu.OPTIONS
-    f = jax.jit(lambda a, b: jnp.tanh(a @ b), compiler_options=opts)
-    assert "ynn" in f.lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile().as_text()
-    assert relative_error(jax.jit(lambda a, b: a @ b, compiler_options=opts)) < 3e-6  # YNNPACK's rounding
+def test_hot_steps_compile_with_ynnpack():
+    train, forward = xla_cpu.compiler_options("train"), xla_cpu.compiler_options("forward")
+    assert (train, forward) == (xla_cpu.OPTIONS["train"], xla_cpu.OPTIONS["forward"])
+    for opts in (train, forward):
+        f = jax.jit(lambda a, b: jnp.tanh(a @ b), compiler_options=opts)
+        assert "ynn" in f.lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile().as_text()
+        assert relative_error(jax.jit(lambda a, b: a @ b, compiler_options=opts)) < 3e-6  # YNNPACK's rounding
