@@ -193,9 +193,11 @@ def run_stages(config, workdir: str) -> None:
         jax.config.update("jax_enable_x64", True)
     from sftmix_jax import confidence, evaluate, train
 
-    from sftmix_jax import sharding
+    from sftmix_jax import sharding, xla_cpu
 
     sharding.init_distributed()
+    if xla_cpu.keep_freed_memory():
+        logging.info("glibc: freed memory stays in the process (set any MALLOC_ variable to opt out)")
     stages = parse_stages(config.stages)
     validate(config, stages, jax.device_count(), jax.process_count())
     resolved = json.loads(config.to_json_best_effort())

@@ -33,3 +33,16 @@ def test_hot_steps_compile_with_ynnpack():
         f = jax.jit(lambda a, b: jnp.tanh(a @ b), compiler_options=opts)
         assert "ynn" in f.lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile().as_text()
         assert relative_error(jax.jit(lambda a, b: a @ b, compiler_options=opts)) < 3e-6  # YNNPACK's rounding
+
+
+def test_keep_freed_memory_respects_the_users_malloc_settings():
+    # In subprocesses: mallopt changes the allocator of the whole process.
+    import subprocess
+    import sys
+
+    code = "from sftmix_jax import xla_cpu; print(xla_cpu.keep_freed_memory())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,  # noqa: E731
+                                     text=True, check=True).stdout.split()[-1]
+    assert run(env) == "True"  # glibc on the CPU backend
+    assert run({**env, "MALLOC_ARENA_MAX": "2"}) == "False"
