@@ -33,7 +33,7 @@ flags.mark_flags_as_required(["config"])
 
 
 def make_run(c, mesh, total, perturb):
-    """(step, params, opt_state, batch sharding) of a fresh run of config c on mesh."""
+    """(jitted step, params, opt_state) of a fresh NTP run of config c on mesh."""
     with jax.set_mesh(mesh):
         graphdef, params = nnx.split(hf.load_model(c.model, seed=c.seed, mesh=mesh))
         if perturb:
@@ -53,9 +53,9 @@ def main(argv):
     del argv
     c = _CONFIG.value
     d, f, t = (int(x) for x in _MESH.value.split(","))
-    mesh_a = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, dcn_data=1)), jax.devices()[:1])
-    mesh_b = sharding.make_mesh(ml_collections.ConfigDict(dict(data=d, fsdp=f, tensor=t, dcn_data=1)),
-                                jax.devices()[: d * f * t])
+    mesh_of = lambda d, f, t: sharding.make_mesh(  # noqa: E731 - over the first d*f*t devices
+        ml_collections.ConfigDict(dict(data=d, fsdp=f, tensor=t, dcn_data=1)), jax.devices()[: d * f * t])
+    mesh_a, mesh_b = mesh_of(1, 1, 1), mesh_of(d, f, t)
     train_ex, _, _ = data.load_examples(c.data, hf.load_tokenizer(c.tokenizer or c.model.source), c.seed)
     batches = batching.TrainBatches(train_ex, c.train.batch_size, c.seed, c.data.buckets)
     total = train.total_steps(c.train, batches.steps_per_epoch)
