@@ -56,7 +56,7 @@ def get_config(arg="llama31_8b_alpaca"):
     c.stages = "reference,confidence,sftmix,evaluate"
     c.tokenizer = ""  # the model's tokenizer
     c.model = ml_collections.ConfigDict(dict(source=model, init=ml_collections.ConfigDict(),
-                                             dtype="bfloat16", param_dtype="float32", remat="full"))
+                                             dtype="bfloat16", param_dtype="float32", remat="full", attention="auto"))
 
     c.data = data.default_config()
     c.data.source = source

@@ -35,7 +35,8 @@ def get_config(arg=None):
     c.stages = "reference,confidence,sftmix,evaluate"
     c.tokenizer = ""  # '' = the model's own tokenizer and chat template
     c.model = ml_collections.ConfigDict(dict(source=a["model"], init=ml_collections.ConfigDict(),
-                                             dtype="float32", param_dtype="float32", remat="none"))
+                                             dtype="float32", param_dtype="float32", remat="none",
+                                             attention="auto"))
 
     c.data = data.default_config()
     c.data.source = a["data"]

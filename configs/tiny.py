@@ -22,7 +22,7 @@ def get_config(arg=None):
         source="init",  # random init from `init`; or an HF directory / hub id
         init=dict(vocab_size=264, hidden_size=96, intermediate_size=256, num_layers=3, num_heads=4,
                   num_kv_heads=2, head_dim=24, rope_theta=10000.0, tie_embeddings=True),
-        dtype="float32", param_dtype="float32", remat="none"))
+        dtype="float32", param_dtype="float32", remat="none", attention="auto"))
 
     c.data = data.default_config()
     c.data.source = "synthetic"

@@ -107,7 +107,8 @@ def run(run) -> dict:
             logging.warning("evaluate: no %s model at %s, skipped", stage, path)
             continue
         model = hf.load_model(ml_collections.ConfigDict(dict(source=path, dtype=c.model.dtype, param_dtype=c.model.param_dtype,
-                                                             remat="none")), mesh=run.mesh)
+                                                             remat="none", attention=c.model.get("attention", "auto"))),
+                              mesh=run.mesh)
         m = heldout_loss(model, held_out, c.evaluate.batch_size, c.data.buckets, run.pad_id, run.mesh)
         if c.evaluate.exact_match:
             m["exact_match"] = exact_match(model, run.tokenizer, held_out, c.evaluate.max_new_tokens,

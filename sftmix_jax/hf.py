@@ -27,7 +27,7 @@ SHARD_BYTES = 2 << 30  # save_pretrained writes safetensors shards of at most ~2
 # ----------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------
-def config_from_hf(hf: dict, dtype="float32", param_dtype="float32", remat="none") -> ModelConfig:
+def config_from_hf(hf: dict, dtype="float32", param_dtype="float32", remat="none", attention="auto") -> ModelConfig:
     """ModelConfig from a config.json dict; anything we would compute differently raises."""
     kind = hf.get("model_type")
     if kind not in SUPPORTED:
@@ -74,6 +74,7 @@ def config_from_hf(hf: dict, dtype="float32", param_dtype="float32", remat="none
         dtype=dtype,
         param_dtype=param_dtype,
         remat=remat,
+        attention=attention,
     )
 
 
@@ -191,11 +192,12 @@ def _tensor_files(path: str) -> dict:
         return {k: single for k in f.keys()}
 
 
-def load_pretrained(path: str, dtype="float32", param_dtype="float32", remat="none", shardings=None) -> CausalLM:
+def load_pretrained(path: str, dtype="float32", param_dtype="float32", remat="none", shardings=None,
+                    attention="auto") -> CausalLM:
     """CausalLM from a local HF directory or hub id. `shardings`: optional fn(path, value) -> Sharding."""
     path = resolve(path)
     with open(os.path.join(path, "config.json")) as f:
-        cfg = config_from_hf(json.load(f), dtype=dtype, param_dtype=param_dtype, remat=remat)
+        cfg = config_from_hf(json.load(f), dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
     files = _tensor_files(path)
     graphdef, state = nnx.split(abstract_model(cfg))
     flat = dict(nnx.to_flat_state(state))
@@ -290,7 +292,7 @@ def save_pretrained(model: CausalLM, path: str, tokenizer=None, max_shard_bytes:
 # ----------------------------------------------------------------------------------------
 def model_config(cfg) -> ModelConfig:
     """ModelConfig of a config.model block, without touching any weights."""
-    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, attention=cfg.get("attention", "auto"))
     if cfg.source == "init":
         return ModelConfig(**cfg.init.to_dict(), **kw)
     with open(os.path.join(resolve(cfg.source), "config.json")) as f:
@@ -316,7 +318,8 @@ def load_model(cfg, seed: int = 0, mesh=None) -> CausalLM:
         return nnx.merge(graphdef, state)
     place = None if mesh is None else (
         lambda key, var: sharding.named_sharding(mesh, var.get_metadata().get("out_sharding") or ()))
-    return load_pretrained(cfg.source, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, shardings=place)
+    return load_pretrained(cfg.source, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, shardings=place,
+                           attention=cfg.get("attention", "auto"))
 
 
 def load_tokenizer(source: str):

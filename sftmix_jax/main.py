@@ -120,6 +120,12 @@ def validate(config, stages, num_devices: int, process_count: int = 1) -> None:
     for key in ("dtype", "param_dtype"):
         if c.model[key] not in DTYPES:
             problems.append(f"config.model.{key}={c.model[key]!r}: use one of {', '.join(DTYPES)}")
+    if c.model.get("remat", "none") not in ("none", "full", "dots"):
+        problems.append(f"config.model.remat={c.model.remat!r}: use none, full or dots")
+    from sftmix_jax.model import ATTENTION
+
+    if c.model.get("attention", "auto") not in ATTENTION:
+        problems.append(f"config.model.attention={c.model.attention!r}: use one of {', '.join(ATTENTION)}")
     if c.confidence.split not in ("confidence", "random"):
         problems.append(f"config.confidence.split={c.confidence.split!r}: use 'confidence' or 'random'")
     if "confidence" in stages and c.reference.checkpoints < 2:

@@ -21,6 +21,9 @@ from flax.core import spmd as flax_spmd
 from sftmix_jax.sharding import RULES, constrain
 
 
+ATTENTION = ("auto", "blocked", "xla", "cudnn")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -45,6 +48,13 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots: activation checkpointing per decoder block
+    attention: str = "auto"  # auto | blocked | xla | cudnn: the causal (training/scoring) kernel
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION:
+            raise ValueError(f"model attention {self.attention!r} is not one of {', '.join(ATTENTION)}")
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"model remat {self.remat!r} is not one of none, full, dots")
 
     @property
     def rope(self) -> dict:
@@ -170,6 +180,18 @@ def causal_attention(q_BLNH, k_BLKH, v_BLKH, scale, block=64):
     return jnp.concatenate(outs, axis=1).reshape(B, L, N, H)
 
 
+def attention_impl(attention: str, dtype) -> str:
+    """'auto' -> cuDNN's fused attention on GPU in bfloat16/float16, else our blocked XLA path.
+
+    blocked: `causal_attention`, fastest on CPU; xla / cudnn: jax.nn.dot_product_attention with
+    that implementation (cuDNN needs a GPU and a 16-bit dtype).
+    """
+    if attention != "auto":
+        return attention
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half and jax.default_backend() == "gpu" else "blocked"
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -179,6 +201,7 @@ class Attention(nnx.Module):
         self.v = Dense("BLD,DKH->BLKH", (D, K, H), ("embed", "kv_heads", "head_dim"), qkv_bias, cfg, rngs)
         self.o = Dense("BLNH,NHD->BLD", (N, H, D), ("heads", "head_dim", "embed"), cfg.o_bias, cfg, rngs)
         self.scale = H**-0.5
+        self.impl, self.dtype = cfg.attention, cfg.dtype
 
     def __call__(self, x_BLD, cos_BLH, sin_BLH, mask_BLS, cache=None, index=None):
         q_BLNH = constrain(apply_rope(self.q(x_BLD), cos_BLH, sin_BLH), ("act_batch", "act_length", "act_heads", None))
@@ -189,7 +212,13 @@ class Attention(nnx.Module):
             v_BLKH = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BLKH.astype(cache["v"].dtype), index, 1)
             cache = {"k": k_BLKH, "v": v_BLKH}
         if mask_BLS is None:  # training / scoring: right-padded rows need the causal mask only
-            out_BLNH = causal_attention(q_BLNH, k_BLKH.astype(q_BLNH.dtype), v_BLKH.astype(q_BLNH.dtype), self.scale)
+            k_BLKH, v_BLKH = k_BLKH.astype(q_BLNH.dtype), v_BLKH.astype(q_BLNH.dtype)
+            impl = attention_impl(self.impl, self.dtype)
+            if impl == "blocked":
+                out_BLNH = causal_attention(q_BLNH, k_BLKH, v_BLKH, self.scale)
+            else:
+                out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, scale=self.scale, is_causal=True,
+                                                        implementation=impl)
             return self.o(out_BLNH), cache
         k_BLKH, v_BLKH = k_BLKH.astype(q_BLNH.dtype), v_BLKH.astype(q_BLNH.dtype)
         if q_BLNH.dtype == jnp.float64:

@@ -181,3 +181,27 @@ def test_causal_attention_matches_dot_product_attention(L, N, K):
     loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
     for a, b in zip(jax.grad(loss(ours), (0, 1, 2))(q, k, v), jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_attention_switch_gives_the_same_model():
+    """config.model.attention: 'xla' (jax.nn.dot_product_attention) and 'blocked' give one model,
+    loss and gradients; 'auto' is the blocked path on CPU and cuDNN only on GPU in 16 bits."""
+    from flax import nnx
+
+    from sftmix_jax.model import ModelConfig, attention_impl
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8)
+    ids = jax.random.randint(jax.random.key(0), (2, 100), 0, 64)
+    results = []
+    for impl in ("blocked", "xla"):
+        graphdef, params = nnx.split(init_model(dataclasses.replace(cfg, attention=impl)))
+        results.append(jax.value_and_grad(
+            lambda p: jnp.mean(jax.nn.log_softmax(nnx.merge(graphdef, p)(ids))[..., 0]))(params))
+    assert abs(float(results[0][0]) - float(results[1][0])) < 1e-6
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    assert attention_impl("auto", "bfloat16") == ("cudnn" if jax.default_backend() == "gpu" else "blocked")
+    assert attention_impl("auto", "float32") == "blocked"
+    with pytest.raises(ValueError, match="model attention 'flash' is not one of auto, blocked, xla, cudnn"):
+        dataclasses.replace(cfg, attention="flash")
