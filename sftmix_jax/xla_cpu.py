@@ -32,19 +32,21 @@ OPTIONS = {  # per kind of jitted step (see the module docstring)
 # jaxlib versions known to have the flag: XLA aborts on an unknown flag in XLA_FLAGS
 KNOWN_JAXLIB = ((0, 10), (0, 11))
 _user_choice = YNN_FLAG in os.environ.get("XLA_FLAGS", "")
+ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin")
 
 
 def prefer_accurate_matmuls() -> bool:
     """Before JAX starts its backends: XLA:CPU's matmuls in Eigen (returns whether it set this).
 
-    A no-op once a backend is running, if XLA_FLAGS already decides, on TPU hosts (libtpu reads
-    XLA_FLAGS with its own flag list) and on jaxlib versions not known to have the flag.
+    A no-op once a backend is running, if XLA_FLAGS already decides, on TPU and GPU hosts (libtpu
+    and the CUDA plugin read XLA_FLAGS with their own flag lists; the CPU is not where they
+    compute) and on jaxlib versions not known to have the flag.
     """
     try:
         version = tuple(int(x) for x in importlib.metadata.version("jaxlib").split(".")[:2])
     except (importlib.metadata.PackageNotFoundError, ValueError):
         return False
-    if _user_choice or version not in KNOWN_JAXLIB or importlib.util.find_spec("libtpu") is not None:
+    if _user_choice or version not in KNOWN_JAXLIB or any(importlib.util.find_spec(m) for m in ACCELERATOR_PLUGINS):
         return False
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --{YNN_FLAG}=").strip()
     return True
