@@ -3,6 +3,7 @@
     python -m sftmix_jax.bench --shape tiny
     python -m sftmix_jax.bench --shape smollm2 --batch 4 --seq 256 --torch --memory
     python -m sftmix_jax.bench --shape small --torch --memory
+    python -m sftmix_jax.bench --shape llama1b --dtype bfloat16 --batch 4 --seq 2048   # one GPU
 
 In one run: the jitted NTP and SFTMix steps (AdamW) on the same batch, the forward-only replay
 step, and with --torch the same two steps with transformers' LlamaForCausalLM and torch.optim
@@ -12,7 +13,10 @@ reported with ratios. --memory measures each step kind's peak host memory in a f
 subprocess that runs only that step (peak RSS: runtime, model, optimizer state and the step;
 freed heap pages left over from compilation are given back first, in every framework alike). MFU counts 6*N*tokens (+ attention)
 against --peak-tflops: by default, on CPU, the best of five 2048^3 float32 matmuls measured in the
-same run; on accelerators, the chip's dense bfloat16 spec (PEAK_TFLOPS). Not a test.
+same run; on accelerators, the chip's dense bfloat16 spec (PEAK_TFLOPS), with the rate of an
+8192^3 matmul in --dtype measured in the run printed beside it. On GPU, --torch runs PyTorch on
+the GPU too (autocast to bfloat16 when --dtype is), and --memory reports each step's peak device
+memory. Not a test.
 """
 import argparse
 import json
@@ -25,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from sftmix_jax import evaluate, hf, train, xla_cpu
-from sftmix_jax.model import ModelConfig, init_model
+from sftmix_jax.model import ATTENTION, ModelConfig, attention_impl, init_model
 
 SHAPES = {
     # configs/tiny.py's model
@@ -36,11 +40,14 @@ SHAPES = {
     # SmolLM2-135M: 30 layers, d 576, 9 heads / 3 KV heads, vocab 49152, tied
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                     num_kv_heads=3, head_dim=64, tie_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5),
+    # Llama-3.2-1B (1.24B): 16 layers, d 2048, 32 heads / 8 KV heads, vocab 128256, tied
+    "llama1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+                    num_kv_heads=8, head_dim=64, tie_embeddings=True, rope_theta=500000.0, rms_norm_eps=1e-5),
 }
 # Dense bfloat16 TFLOP/s per chip, by device_kind prefix (vendor specs)
 PEAK_TFLOPS = {"NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0, "TPU v4": 275.0,
                "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0}
-DEFAULT_BATCH = {"tiny": (32, 32), "small": (8, 256), "smollm2": (4, 256)}
+DEFAULT_BATCH = {"tiny": (32, 32), "small": (8, 256), "smollm2": (4, 256), "llama1b": (4, 2048)}
 OPT = ml_collections.ConfigDict(dict(lr=1e-4, min_lr_ratio=0.1, warmup_ratio=0.1, weight_decay=0.1,
                                      grad_clip=1.0, b1=0.9, b2=0.95, eps=1e-8))
 
@@ -59,8 +66,11 @@ def synthetic_batch(B, L, vocab, seed=0):
     return {"input_ids": ids, "targets": targets, "weights": weights, "attention_mask": mask}
 
 
-def torch_steps(cfg: ModelConfig, batch, lr=1e-4):
-    """NTP and SFTMix train steps with transformers' PyTorch Llama and torch AdamW."""
+def torch_steps(cfg: ModelConfig, batch, lr=1e-4, device="cpu", bf16=False):
+    """NTP and SFTMix train steps with transformers' PyTorch Llama and torch AdamW.
+
+    device "cuda": fused AdamW; bf16: the forward under torch.autocast (float32 master weights).
+    """
     import torch
     import transformers
 
@@ -70,9 +80,10 @@ def torch_steps(cfg: ModelConfig, batch, lr=1e-4):
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim, tie_word_embeddings=cfg.tie_embeddings, rms_norm_eps=cfg.rms_norm_eps,
         rope_theta=cfg.rope_theta, max_position_embeddings=4096, attn_implementation="sdpa")
-    model = transformers.LlamaForCausalLM(hf_cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-    t = {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}
+    model = transformers.LlamaForCausalLM(hf_cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95),
+                            fused=device == "cuda")
+    t = {k: torch.from_numpy(np.array(v)).to(device) for k, v in batch.items()}
     ids, targets, weights = t["input_ids"].long(), t["targets"].long(), t["weights"]
 
     def ce(logits, y, w):
@@ -91,7 +102,7 @@ def torch_steps(cfg: ModelConfig, batch, lr=1e-4):
         y_al = torch.gather(targets, 1, order)
         count = (weights > 0).sum(1)
         m = torch.minimum(count[0::2], count[1::2])
-        valid = (torch.arange(h.shape[1])[None] < m[:, None]).float()
+        valid = (torch.arange(h.shape[1], device=device)[None] < m[:, None]).float()
         lam = float(np.random.default_rng(0).beta(0.5, 0.5))
         z = lam * h_al[0::2] + (1 - lam) * h_al[1::2]
         logits = model.lm_head(z)
@@ -101,7 +112,8 @@ def torch_steps(cfg: ModelConfig, batch, lr=1e-4):
     def make(fn):
         def step():
             opt.zero_grad(set_to_none=True)
-            loss = fn()
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                loss = fn()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -128,16 +140,9 @@ def trim_heap() -> None:
         pass
 
 
-def device_peak_tflops() -> float:
-    """CPU: measured (best of 5 jitted 2048^3 float32 matmuls); accelerators: PEAK_TFLOPS."""
-    dev = jax.devices()[0]
-    if dev.platform != "cpu":
-        for prefix, peak in PEAK_TFLOPS.items():
-            if dev.device_kind.startswith(prefix):
-                return peak
-        raise SystemExit(f"no peak known for {dev.device_kind!r}: pass --peak-tflops")
-    n = 2048
-    a = jnp.ones((n, n), jnp.float32)
+def matmul_tflops(n: int, dtype) -> float:
+    """Best of five jitted n^3 matmuls on random data, in TFLOP/s."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()
     best = float("inf")
@@ -146,6 +151,20 @@ def device_peak_tflops() -> float:
         matmul(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e12
+
+
+def device_peak_tflops(dtype: str) -> tuple[float, float]:
+    """(peak for MFU, measured matmul rate). CPU: both the measured 2048^3 float32 matmul;
+    accelerators: PEAK_TFLOPS (the dense bfloat16 spec) and an 8192^3 matmul in `dtype`."""
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        measured = matmul_tflops(2048, jnp.float32)
+        return measured, measured
+    measured = matmul_tflops(8192, jnp.dtype(dtype))
+    for prefix, peak in PEAK_TFLOPS.items():
+        if dev.device_kind.startswith(prefix):
+            return peak, measured
+    raise SystemExit(f"no peak known for {dev.device_kind!r}: pass --peak-tflops")
 
 
 def reset_peak_rss() -> None:
@@ -159,6 +178,28 @@ def peak_rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
+def measure_peak(step, torch_kind: bool) -> dict:
+    """Peak memory over two more steps of a warmed-up step (the memory subprocess).
+
+    CPU: peak RSS (runtime, weights, state, compiled step), freed heap given back first; GPU:
+    the framework's peak device allocation over the whole process (it runs this one step kind).
+    """
+    if jax.default_backend() == "cpu":
+        trim_heap()
+        reset_peak_rss()
+        before = peak_rss_mb()
+        for _ in range(2):
+            step()
+        return {"peak_mb": peak_rss_mb(), "resident_mb": before}
+    for _ in range(2):
+        step()
+    if torch_kind:
+        import torch
+
+        return {"peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+    return {"peak_mb": jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**20}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -167,8 +208,11 @@ def main():
     p.add_argument("--seq", type=int, default=0)
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", help="compute dtype; weights and optimizer state stay float32")
+    p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+    p.add_argument("--attention", default="auto", choices=ATTENTION)
     p.add_argument("--ce-chunk", type=int, default=0)
+    p.add_argument("--kinds", default="ntp,sftmix,replay", help="which of our steps to time")
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--torch", action="store_true", help="also time PyTorch + transformers on the same shape")
     p.add_argument("--memory", action="store_true", help="peak memory of each step kind, in subprocesses")
@@ -176,15 +220,17 @@ def main():
     p.add_argument("--only", default="", help=argparse.SUPPRESS)  # one step kind: the memory subprocess
     args = p.parse_args()
     B, L = args.batch or DEFAULT_BATCH[args.shape][0], args.seq or DEFAULT_BATCH[args.shape][1]
-    kinds = ["ntp", "sftmix", "replay"] + (["torch_ntp", "torch_sftmix"] if args.torch else [])
+    kinds = args.kinds.split(",") + (["torch_ntp", "torch_sftmix"] if args.torch else [])
+    if unknown := set(kinds) - {"ntp", "sftmix", "replay", "torch_ntp", "torch_sftmix"}:
+        raise SystemExit(f"--kinds: unknown {sorted(unknown)} (use ntp, sftmix, replay)")
     kinds = [args.only] if args.only else kinds
-    cfg = (hf.model_config(ml_collections.ConfigDict(dict(source=args.model, dtype=args.dtype, param_dtype="float32",
-                                                          remat="none"))) if args.model
-           else ModelConfig(**SHAPES[args.shape], dtype=args.dtype))
+    runtime = dict(dtype=args.dtype, remat=args.remat, attention=args.attention)
+    cfg = (hf.model_config(ml_collections.ConfigDict(dict(source=args.model, param_dtype="float32", **runtime)))
+           if args.model else ModelConfig(**SHAPES[args.shape], **runtime))
     np_batch = synthetic_batch(B, L, cfg.vocab_size)
     steps, n_params = {}, 0
     if any(not k.startswith("torch") for k in kinds):  # a torch-only subprocess holds no JAX model
-        model = hf.load_pretrained(args.model, dtype=args.dtype) if args.model else init_model(cfg)
+        model = hf.load_pretrained(args.model, **runtime) if args.model else init_model(cfg)
         graphdef, params = nnx.split(model)
         n_params = sum(x.size for x in jax.tree.leaves(params))
         batch = {k: jnp.asarray(v) for k, v in np_batch.items()}
@@ -207,20 +253,17 @@ def main():
             elif k == "replay":
                 eval_batch = {k2: batch[k2] for k2 in ("input_ids", "targets", "weights")}
                 steps[k] = lambda: jax.block_until_ready(replay_fn(params, eval_batch))
-        if args.only and args.only != "replay":  # memory subprocess: hold one copy of the weights, as torch does
+        if "replay" not in kinds:  # hold one copy of the weights per train step kind, as torch does
             del model, params
     if any(k.startswith("torch") for k in kinds):
-        steps.update({k: v for k, v in torch_steps(cfg, np_batch).items() if k in kinds})
+        gpu = jax.default_backend() == "gpu"
+        steps.update({k: v for k, v in torch_steps(cfg, np_batch, device="cuda" if gpu else "cpu",
+                                                   bf16=args.dtype == "bfloat16").items() if k in kinds})
     for k in kinds:  # compile + warm up
         for _ in range(2):
             steps[k]()
-    if args.only:  # memory subprocess: peak RSS over two more steps (model + state resident)
-        trim_heap()
-        reset_peak_rss()
-        before = peak_rss_mb()  # resident before the measured steps: runtime, weights, state, compiled step
-        for _ in range(2):
-            steps[args.only]()
-        print(json.dumps({"peak_mb": peak_rss_mb(), "resident_mb": before}))
+    if args.only:  # memory subprocess
+        print(json.dumps(measure_peak(steps[args.only], args.only.startswith("torch"))))
         return
     times = {k: [] for k in kinds}
     for _ in range(args.rounds):
@@ -229,17 +272,17 @@ def main():
                 t = time.perf_counter()
                 steps[k]()
                 times[k].append(time.perf_counter() - t)
-    peak = args.peak_tflops or device_peak_tflops()
+    peak, measured = (args.peak_tflops, 0.0) if args.peak_tflops else device_peak_tflops(args.dtype)
     tokens = int(np_batch["attention_mask"].sum())
     padded = B * L
     fpt = flops_per_token(cfg, L)
     res = {"device": str(jax.devices()[0].device_kind), "shape": args.shape, "params": int(n_params),
-           "batch": [B, L], "real_tokens": tokens, "dtype": args.dtype, "peak_tflops": peak}
+           "batch": [B, L], "real_tokens": tokens, **runtime, "peak_tflops": peak, "matmul_tflops": measured}
     for k in kinds:
         sec = float(np.median(times[k]))
         train_flops = fpt * padded if k != "replay" else fpt * padded / 3  # forward only: 1/3
         res[k] = {"step_ms": 1000 * sec, "tokens_per_s": tokens / sec,
-                  "mfu": train_flops / sec / (peak * 1e12)}
+                  "mfu": train_flops / sec / (peak * 1e12), "spread_ms": 1000 * float(np.ptp(times[k]))}
     if args.memory:
         import subprocess
         import sys
@@ -249,20 +292,21 @@ def main():
             cmd = [c for c in cmd if c not in ("--memory", "--torch")]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             res[k]["peak_mb"] = json.loads(out)["peak_mb"]
-    print(f"{args.shape}: {n_params / 1e6:.1f}M params, batch {B}x{L} ({tokens} real tokens), "
-          f"{res['device']}, {args.dtype}, peak {1000 * peak:.0f} GFLOP/s")
+    print(f"{args.shape}: {n_params / 1e6:.1f}M params, batch {B}x{L} ({tokens} real tokens), {res['device']}, "
+          f"{args.dtype}, remat {args.remat}, attention {attention_impl(args.attention, args.dtype)}, "
+          f"peak {peak:.3g} TFLOP/s (measured matmul {measured:.3g})")
     for k in kinds:
-        mem = f"   peak RSS {res[k]['peak_mb']:7.0f} MB" if "peak_mb" in res[k] else ""
+        mem = f"   peak {'RSS' if jax.default_backend() == 'cpu' else 'mem'} {res[k]['peak_mb']:7.0f} MB" \
+            if "peak_mb" in res[k] else ""
         print(f"  {k:13s} {res[k]['step_ms']:9.1f} ms  {res[k]['tokens_per_s']:9.0f} tokens/s  "
               f"MFU {100 * res[k]['mfu']:5.1f}%{mem}")
-    ratios = {"sftmix/ntp step time": res["sftmix"]["step_ms"] / res["ntp"]["step_ms"]}
-    if args.torch:
-        ratios["ntp tokens/s ours/torch"] = res["ntp"]["tokens_per_s"] / res["torch_ntp"]["tokens_per_s"]
-        ratios["sftmix tokens/s ours/torch"] = res["sftmix"]["tokens_per_s"] / res["torch_sftmix"]["tokens_per_s"]
-    if args.memory:
-        ratios["sftmix/ntp peak memory"] = res["sftmix"]["peak_mb"] / max(res["ntp"]["peak_mb"], 1)
-        if args.torch:
-            ratios["ntp peak memory ours/torch"] = res["ntp"]["peak_mb"] / max(res["torch_ntp"]["peak_mb"], 1)
+    pairs = {"sftmix/ntp step time": ("sftmix", "ntp", "step_ms"),
+             "ntp tokens/s ours/torch": ("ntp", "torch_ntp", "tokens_per_s"),
+             "sftmix tokens/s ours/torch": ("sftmix", "torch_sftmix", "tokens_per_s"),
+             "sftmix/ntp peak memory": ("sftmix", "ntp", "peak_mb"),
+             "ntp peak memory ours/torch": ("ntp", "torch_ntp", "peak_mb")}
+    ratios = {name: res[a][key] / max(res[b][key], 1e-9) for name, (a, b, key) in pairs.items()
+              if a in res and b in res and key in res[a] and key in res[b]}
     res["ratios"] = ratios
     for name, value in ratios.items():
         print(f"  {name:30s} {value:.3f}")
