@@ -1,4 +1,4 @@
-"""tpu/ scripts: valid bash, shellcheck-clean where shellcheck exists, complete dry-run commands."""
+"""tpu/ scripts: valid bash, shellcheck-clean (with slurm/ and tools/) where shellcheck exists, complete dry-run commands."""
 import os
 import shutil
 import subprocess
@@ -28,6 +28,6 @@ def test_dry_run_prints_complete_gcloud_commands(name):
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_shellcheck_is_clean():
     paths = [os.path.join(ROOT, "tpu", f"{n}.sh") for n in SCRIPTS + ["common"]]
-    paths.append(os.path.join(ROOT, "slurm", "sftmix.sbatch"))
+    paths += [os.path.join(ROOT, "slurm", "sftmix.sbatch"), os.path.join(ROOT, "tools", "gpu_check.sh")]
     out = subprocess.run(["shellcheck", *paths], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
