@@ -18,10 +18,10 @@ from flax import nnx
 
 from flax.core import spmd as flax_spmd
 
-from sftmix_jax.sharding import RULES, constrain
+from sftmix_jax.sharding import RULES, constrain, logical_to_spec
 
 
-ATTENTION = ("auto", "blocked", "xla", "cudnn")
+ATTENTION = ("auto", "blocked", "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots: activation checkpointing per decoder block
-    attention: str = "auto"  # auto | blocked | xla | cudnn: the causal (training/scoring) kernel
+    attention: str = "auto"  # auto | blocked | xla | cudnn | splash: the causal (training/scoring) kernel
 
     def __post_init__(self):
         if self.attention not in ATTENTION:
@@ -180,16 +180,56 @@ def causal_attention(q_BLNH, k_BLKH, v_BLKH, scale, block=64):
     return jnp.concatenate(outs, axis=1).reshape(B, L, N, H)
 
 
-def attention_impl(attention: str, dtype) -> str:
-    """'auto' -> cuDNN's fused attention on GPU in bfloat16/float16, else our blocked XLA path.
+def attention_impl(attention: str, dtype, length: int | None = None) -> str:
+    """'auto' -> cuDNN's fused attention on GPU in bfloat16/float16, Pallas splash attention on
+    TPU (sequence length a multiple of 128), else our blocked XLA path.
 
     blocked: `causal_attention`, fastest on CPU; xla / cudnn: jax.nn.dot_product_attention with
-    that implementation (cuDNN needs a GPU and a 16-bit dtype).
+    that implementation (cuDNN needs a GPU and a 16-bit dtype); splash: `splash_attention`.
     """
     if attention != "auto":
         return attention
+    backend = jax.default_backend()
+    if backend == "tpu" and (length is None or length % SPLASH_MIN_BLOCK == 0):
+        return "splash"
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if half and jax.default_backend() == "gpu" else "blocked"
+    return "cudnn" if half and backend == "gpu" else "blocked"
+
+
+SPLASH_MIN_BLOCK = 128  # TPU tiles: splash blocks are multiples of 128
+
+
+def splash_attention(q_BLNH, k_BLKH, v_BLKH, scale, block=512):
+    """Causal GQA attention with the Pallas TPU splash-attention kernel (flash-style, the masked
+    upper triangle skipped), per device under shard_map: batch over data x fsdp, heads over
+    tensor, as the activation rules say. Off TPU it runs in Pallas interpret mode (tests).
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    L = q_BLNH.shape[1]
+    b = next((c for c in (block, 256, SPLASH_MIN_BLOCK) if c <= L and L % c == 0), None)
+    if b is None:
+        raise ValueError(f"splash attention needs the sequence length to be a multiple of {SPLASH_MIN_BLOCK}, "
+                         f"got {L}: pad to such buckets (config.data.buckets) or use model.attention=blocked")
+    sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                          block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+
+    def local(q_BLNH, k_BLKH, v_BLKH):  # this device's rows and heads
+        n = q_BLNH.shape[2]
+        mask = sm.MultiHeadMask([sm.CausalMask((L, L)) for _ in range(n)])
+        kernel = sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                    interpret=jax.default_backend() != "tpu")
+        q_BNLH, k_BKLH, v_BKLH = (x.transpose(0, 2, 1, 3) for x in (q_BLNH * scale, k_BLKH, v_BLKH))
+        return jax.vmap(kernel)(q_BNLH, k_BKLH, v_BKLH).transpose(0, 2, 1, 3)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(q_BLNH, k_BLKH, v_BLKH)
+    q_spec = logical_to_spec(("act_batch", None, "act_heads", None), mesh.axis_names)
+    kv_spec = logical_to_spec(("act_batch", None, "act_kv_heads", None), mesh.axis_names)
+    return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False)(
+        q_BLNH, k_BLKH, v_BLKH)
 
 
 class Attention(nnx.Module):
@@ -213,9 +253,11 @@ class Attention(nnx.Module):
             cache = {"k": k_BLKH, "v": v_BLKH}
         if mask_BLS is None:  # training / scoring: right-padded rows need the causal mask only
             k_BLKH, v_BLKH = k_BLKH.astype(q_BLNH.dtype), v_BLKH.astype(q_BLNH.dtype)
-            impl = attention_impl(self.impl, self.dtype)
+            impl = attention_impl(self.impl, self.dtype, q_BLNH.shape[1])
             if impl == "blocked":
                 out_BLNH = causal_attention(q_BLNH, k_BLKH, v_BLKH, self.scale)
+            elif impl == "splash":
+                out_BLNH = splash_attention(q_BLNH, k_BLKH, v_BLKH, self.scale)
             else:
                 out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, scale=self.scale, is_causal=True,
                                                         implementation=impl)

@@ -203,5 +203,5 @@ def test_attention_switch_gives_the_same_model():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     assert attention_impl("auto", "bfloat16") == ("cudnn" if jax.default_backend() == "gpu" else "blocked")
     assert attention_impl("auto", "float32") == "blocked"
-    with pytest.raises(ValueError, match="model attention 'flash' is not one of auto, blocked, xla, cudnn"):
+    with pytest.raises(ValueError, match="model attention 'flash' is not one of auto, blocked, xla, cudnn, splash"):
         dataclasses.replace(cfg, attention="flash")
