@@ -180,9 +180,9 @@ def causal_attention(q_BLNH, k_BLKH, v_BLKH, scale, block=64):
     return jnp.concatenate(outs, axis=1).reshape(B, L, N, H)
 
 
-def attention_impl(attention: str, dtype, length: int | None = None) -> str:
+def attention_impl(attention: str, dtype, length: int | None = None, head_dim: int | None = None) -> str:
     """'auto' -> cuDNN's fused attention on GPU in bfloat16/float16, Pallas splash attention on
-    TPU (sequence length a multiple of 128), else our blocked XLA path.
+    TPU (sequence length and head dim multiples of 128, TPU's tile), else our blocked XLA path.
 
     blocked: `causal_attention`, fastest on CPU; xla / cudnn: jax.nn.dot_product_attention with
     that implementation (cuDNN needs a GPU and a 16-bit dtype); splash: `splash_attention`.
@@ -190,7 +190,7 @@ def attention_impl(attention: str, dtype, length: int | None = None) -> str:
     if attention != "auto":
         return attention
     backend = jax.default_backend()
-    if backend == "tpu" and (length is None or length % SPLASH_MIN_BLOCK == 0):
+    if backend == "tpu" and all(n is None or n % SPLASH_MIN_BLOCK == 0 for n in (length, head_dim)):
         return "splash"
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if half and backend == "gpu" else "blocked"
@@ -253,7 +253,7 @@ class Attention(nnx.Module):
             cache = {"k": k_BLKH, "v": v_BLKH}
         if mask_BLS is None:  # training / scoring: right-padded rows need the causal mask only
             k_BLKH, v_BLKH = k_BLKH.astype(q_BLNH.dtype), v_BLKH.astype(q_BLNH.dtype)
-            impl = attention_impl(self.impl, self.dtype, q_BLNH.shape[1])
+            impl = attention_impl(self.impl, self.dtype, q_BLNH.shape[1], q_BLNH.shape[3])
             if impl == "blocked":
                 out_BLNH = causal_attention(q_BLNH, k_BLKH, v_BLKH, self.scale)
             elif impl == "splash":
