@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from sftmix_jax import evaluate, hf, train, xla_cpu
-from sftmix_jax.model import ATTENTION, ModelConfig, attention_impl, init_model
+from sftmix_jax.model import ATTENTION, REMAT, ModelConfig, attention_impl, init_model
 
 SHAPES = {
     # configs/tiny.py's model
@@ -184,15 +184,15 @@ def measure_peak(step, torch_kind: bool) -> dict:
     CPU: peak RSS (runtime, weights, state, compiled step), freed heap given back first; GPU:
     the framework's peak device allocation over the whole process (it runs this one step kind).
     """
-    if jax.default_backend() == "cpu":
+    cpu = jax.default_backend() == "cpu"
+    if cpu:
         trim_heap()
         reset_peak_rss()
-        before = peak_rss_mb()
-        for _ in range(2):
-            step()
-        return {"peak_mb": peak_rss_mb(), "resident_mb": before}
+        before = peak_rss_mb()  # runtime, weights, state, compiled step
     for _ in range(2):
         step()
+    if cpu:
+        return {"peak_mb": peak_rss_mb(), "resident_mb": before}
     if torch_kind:
         import torch
 
@@ -209,7 +209,7 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", default="float32", help="compute dtype; weights and optimizer state stay float32")
-    p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+    p.add_argument("--remat", default="none", choices=REMAT)
     p.add_argument("--attention", default="auto", choices=ATTENTION)
     p.add_argument("--ce-chunk", type=int, default=0)
     p.add_argument("--kinds", default="ntp,sftmix,replay", help="which of our steps to time")
@@ -293,7 +293,7 @@ def main():
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             res[k]["peak_mb"] = json.loads(out)["peak_mb"]
     print(f"{args.shape}: {n_params / 1e6:.1f}M params, batch {B}x{L} ({tokens} real tokens), {res['device']}, "
-          f"{args.dtype}, remat {args.remat}, attention {attention_impl(args.attention, args.dtype)}, "
+          f"{args.dtype}, remat {args.remat}, attention {attention_impl(args.attention, args.dtype, L, cfg.head_dim)}, "
           f"peak {peak:.3g} TFLOP/s (measured matmul {measured:.3g})")
     for k in kinds:
         mem = f"   peak {'RSS' if jax.default_backend() == 'cpu' else 'mem'} {res[k]['peak_mb']:7.0f} MB" \

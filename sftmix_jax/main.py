@@ -120,10 +120,10 @@ def validate(config, stages, num_devices: int, process_count: int = 1) -> None:
     for key in ("dtype", "param_dtype"):
         if c.model[key] not in DTYPES:
             problems.append(f"config.model.{key}={c.model[key]!r}: use one of {', '.join(DTYPES)}")
-    if c.model.get("remat", "none") not in ("none", "full", "dots"):
-        problems.append(f"config.model.remat={c.model.remat!r}: use none, full or dots")
-    from sftmix_jax.model import ATTENTION
+    from sftmix_jax.model import ATTENTION, REMAT
 
+    if c.model.get("remat", "none") not in REMAT:
+        problems.append(f"config.model.remat={c.model.remat!r}: use one of {', '.join(REMAT)}")
     if c.model.get("attention", "auto") not in ATTENTION:
         problems.append(f"config.model.attention={c.model.attention!r}: use one of {', '.join(ATTENTION)}")
     if c.confidence.split not in ("confidence", "random"):

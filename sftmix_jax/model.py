@@ -22,6 +22,7 @@ from sftmix_jax.sharding import RULES, constrain, logical_to_spec
 
 
 ATTENTION = ("auto", "blocked", "xla", "cudnn", "splash")
+REMAT = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +54,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.attention not in ATTENTION:
             raise ValueError(f"model attention {self.attention!r} is not one of {', '.join(ATTENTION)}")
-        if self.remat not in ("none", "full", "dots"):
-            raise ValueError(f"model remat {self.remat!r} is not one of none, full, dots")
+        if self.remat not in REMAT:
+            raise ValueError(f"model remat {self.remat!r} is not one of {', '.join(REMAT)}")
 
     @property
     def rope(self) -> dict:
@@ -251,8 +252,8 @@ class Attention(nnx.Module):
             k_BLKH = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BLKH.astype(cache["k"].dtype), index, 1)
             v_BLKH = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BLKH.astype(cache["v"].dtype), index, 1)
             cache = {"k": k_BLKH, "v": v_BLKH}
+        k_BLKH, v_BLKH = k_BLKH.astype(q_BLNH.dtype), v_BLKH.astype(q_BLNH.dtype)
         if mask_BLS is None:  # training / scoring: right-padded rows need the causal mask only
-            k_BLKH, v_BLKH = k_BLKH.astype(q_BLNH.dtype), v_BLKH.astype(q_BLNH.dtype)
             impl = attention_impl(self.impl, self.dtype, q_BLNH.shape[1], q_BLNH.shape[3])
             if impl == "blocked":
                 out_BLNH = causal_attention(q_BLNH, k_BLKH, v_BLKH, self.scale)
@@ -262,7 +263,6 @@ class Attention(nnx.Module):
                 out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, scale=self.scale, is_causal=True,
                                                         implementation=impl)
             return self.o(out_BLNH), cache
-        k_BLKH, v_BLKH = k_BLKH.astype(q_BLNH.dtype), v_BLKH.astype(q_BLNH.dtype)
         if q_BLNH.dtype == jnp.float64:
             out_BLNH = float64_attention(q_BLNH, k_BLKH, v_BLKH, mask=mask_BLS[:, None], scale=self.scale)
         else:

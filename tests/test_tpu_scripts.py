@@ -1,4 +1,4 @@
-"""tpu/ scripts: valid bash, shellcheck-clean (with slurm/ and tools/) where shellcheck exists, complete dry-run commands."""
+"""tpu/ scripts (and slurm/, tools/): valid bash, shellcheck-clean where shellcheck exists, dry runs."""
 import os
 import shutil
 import subprocess

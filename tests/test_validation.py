@@ -23,7 +23,7 @@ from sftmix_jax import main
     ({"confidence.split": "median"}, 1, r"config.confidence.split='median'"),
     ({"evaluate.batch_size": 12}, 8, r"config.evaluate.batch_size=12 must be divisible"),
     ({"model.attention": "flash"}, 1, r"config.model.attention='flash': use one of auto, blocked, xla, cudnn, splash"),
-    ({"model.remat": "dot"}, 1, r"config.model.remat='dot': use none, full or dots"),
+    ({"model.remat": "dot"}, 1, r"config.model.remat='dot': use one of none, full, dots"),
 ])
 def test_bad_config_is_refused_naming_the_key(overrides, devices, message):
     with pytest.raises(ValueError, match=message):
