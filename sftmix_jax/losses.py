@@ -13,7 +13,9 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-Head = Callable[[jax.Array], jax.Array]
+from sftmix_jax.head_loss import LinearHead, ce_sum, fused_head_loss
+
+Head = Callable[[jax.Array], jax.Array]  # h -> logits; a LinearHead also lets the losses fuse it
 
 
 def cross_entropy(logits_V: jax.Array, targets: jax.Array) -> jax.Array:
@@ -57,8 +59,24 @@ def weighted_nll_sum(h_BLD, head: Head, targets_BL, weights_BL, chunk: int | Non
     return total, jnp.sum(weights_BL.astype(jnp.float32))
 
 
+def _ntp_piece(logits_BcV, xs, consts):
+    (targets, weights), (scale,) = xs, consts
+    total = ce_sum(logits_BcV, (targets,), (weights,))
+    return scale * total, total
+
+
 def ntp_loss(h_BLD, head: Head, targets_BL, weights_BL, chunk: int | None = None):
-    """Token-mean NLL over all response tokens of the batch (plain SFT loss)."""
+    """Token-mean NLL over all response tokens of the batch (plain SFT loss).
+
+    A LinearHead runs fused with the loss (head_loss.py); any other head is differentiated
+    through, with `chunk` then recomputing each chunk's logits in the backward pass.
+    """
+    if isinstance(head, LinearHead):
+        count = jnp.sum(weights_BL.astype(jnp.float32))
+        scale = jax.lax.stop_gradient(1.0 / jnp.maximum(count, 1.0))
+        loss, _ = fused_head_loss(_ntp_piece, head.vd, head.dtype, chunk, h_BLD, head.w,
+                                  (targets_BL, weights_BL), (scale,))
+        return loss, {"ntp_loss": loss, "tokens": count}
     total, count = weighted_nll_sum(h_BLD, head, targets_BL, weights_BL, chunk)
     loss = total / jnp.maximum(count, 1.0)
     return loss, {"ntp_loss": loss, "tokens": count}
@@ -183,6 +201,8 @@ def sftmix_loss(h_BLD, head: Head, targets_BL, weights_BL, rng, *, mu: float = 0
     """Total SFTMix loss = NTP (all B rows; skipped when ntp=False, "Mixup only") + mu * Mixup."""
     K = _num_pairs(h_BLD.shape[0])
     lam_K = jax.lax.stop_gradient(sample_lambda(rng, alpha, K, per_pair))
+    if isinstance(head, LinearHead):
+        return _fused_sftmix_loss(h_BLD, head, targets_BL, weights_BL, lam_K, mu, ntp, max_tokens, chunk)
     if chunk is None:  # one head call: NTP and Mixup both read the batch's logits
         logits_BLV = head(h_BLD)
         mix, aux = mixup_loss_from_logits(logits_BLV, targets_BL, weights_BL, lam_K, max_tokens)
@@ -195,4 +215,50 @@ def sftmix_loss(h_BLD, head: Head, targets_BL, weights_BL, rng, *, mu: float = 0
         ntp_val, ntp_aux = ntp_fn()
         loss = loss + ntp_val
         aux = {**aux, **ntp_aux}
+    return loss, {**aux, "lambda_mean": jnp.mean(lam_K), "loss": loss}
+
+
+def _sftmix_piece(logits_BcV, xs, consts, ntp=True):
+    """One chunk of left-aligned positions: NTP over every row + Mixup of each pair's logits."""
+    (targets_Bc, weights_Bc, valid_Kc), (lam_K, ntp_scale, mix_scale) = xs, consts
+    K = lam_K.shape[0]
+    acc = jnp.promote_types(logits_BcV.dtype, jnp.float32)
+    lam_K2 = jnp.stack([lam_K, 1.0 - lam_K], axis=1)  # the [K, 2, ...] mix as in mixup_loss_from_logits
+    mixed_KcV = jnp.einsum("KScV,KS->KcV", logits_BcV.reshape(K, 2, *logits_BcV.shape[1:]).astype(acc), lam_K2,
+                           precision=jax.lax.Precision.HIGHEST)
+    lam_K1 = lam_K[:, None]
+    mix = ce_sum(mixed_KcV, (targets_Bc[0::2], targets_Bc[1::2]), (lam_K1 * valid_Kc, (1.0 - lam_K1) * valid_Kc))
+    nll = ce_sum(logits_BcV, (targets_Bc,), (weights_Bc,)) if ntp else jnp.zeros((), jnp.float32)
+    return ntp_scale * nll + mix_scale * mix, (nll, mix)
+
+
+def _mixup_only_piece(logits_BcV, xs, consts):
+    return _sftmix_piece(logits_BcV, xs, consts, ntp=False)
+
+
+def _fused_sftmix_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, lam_K, mu, ntp, max_tokens, chunk):
+    """sftmix_loss with the head fused: positions left-aligned per row (responses first, as
+    align_responses), so pair k's aligned slot n sits at the same position in both rows and a
+    chunk of positions holds both the NTP and the Mixup terms of its logits."""
+    B, L, _ = h_BLD.shape
+    N = L if max_tokens is None else int(max_tokens)
+    if not 0 < N <= L:
+        raise ValueError(f"max_tokens must be in [1, L={L}], got {max_tokens}")
+    idx_BL = jnp.argsort(jnp.logical_not(weights_BL > 0).astype(jnp.int32), axis=1, stable=True)
+    h_perm = permute_rows(h_BLD, idx_BL)
+    targets_perm = jnp.take_along_axis(targets_BL, idx_BL, axis=1)
+    weights_perm = jnp.take_along_axis(weights_BL, idx_BL, axis=1)
+    count_B = jnp.minimum(jnp.sum(weights_BL > 0, axis=1, dtype=jnp.int32), N)
+    M_K = jnp.minimum(count_B[0::2], count_B[1::2])
+    valid_KL = (jnp.arange(L)[None, :] < M_K[:, None]).astype(jnp.float32)
+    tokens = jnp.sum(weights_BL.astype(jnp.float32))
+    mix_count = jnp.sum(M_K).astype(jnp.float32)
+    scales = jax.lax.stop_gradient((1.0 / jnp.maximum(tokens, 1.0) if ntp else 0.0, mu / jnp.maximum(mix_count, 1.0)))
+    piece = _sftmix_piece if ntp else _mixup_only_piece
+    loss, (nll, mix) = fused_head_loss(piece, head.vd, head.dtype, chunk, h_perm, head.w,
+                                       (targets_perm, weights_perm, valid_KL), (lam_K, *scales))
+    mixup = mix / jnp.maximum(mix_count, 1.0)
+    aux = {"mixup_loss": mixup, "mixup_tokens": mix_count}
+    if ntp:
+        aux = {**aux, "ntp_loss": nll / jnp.maximum(tokens, 1.0), "tokens": tokens}
     return loss, {**aux, "lambda_mean": jnp.mean(lam_K), "loss": loss}

@@ -18,6 +18,7 @@ from flax import nnx
 
 from flax.core import spmd as flax_spmd
 
+from sftmix_jax.head_loss import LinearHead
 from sftmix_jax.sharding import RULES, constrain, logical_to_spec
 
 
@@ -368,6 +369,11 @@ class CausalLM(nnx.Module):
         else:
             logits = jnp.einsum("...D,DV->...V", h_BLD.astype(dtype), self.lm_head[...].astype(dtype))
         return constrain(logits, ("act_batch",) + (None,) * (logits.ndim - 2) + ("act_vocab",))
+
+    def linear_head(self) -> LinearHead:
+        """`head` with its weight exposed, so the training losses can fuse it (head_loss.py)."""
+        w = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...]
+        return LinearHead(w, self.cfg.tie_embeddings, jnp.dtype(self.cfg.dtype), self.head)
 
     def __call__(self, input_ids_BL, attention_mask_BS=None):
         return self.head(self.hidden(input_ids_BL, attention_mask_BS))

@@ -52,14 +52,14 @@ def ntp_loss_fn(chunk=None):
     def fn(model, batch, rng):
         del rng
         h_BLD = model.hidden(batch["input_ids"])  # right-padded: the causal mask suffices
-        return losses.ntp_loss(h_BLD, model.head, batch["targets"], batch["weights"], chunk)
+        return losses.ntp_loss(h_BLD, model.linear_head(), batch["targets"], batch["weights"], chunk)
     return fn
 
 
 def sftmix_loss_fn(mu, alpha, per_pair, ntp=True, chunk=None):
     def fn(model, batch, rng):
         h_BLD = model.hidden(batch["input_ids"])
-        return losses.sftmix_loss(h_BLD, model.head, batch["targets"], batch["weights"], rng,
+        return losses.sftmix_loss(h_BLD, model.linear_head(), batch["targets"], batch["weights"], rng,
                                   mu=mu, alpha=alpha, per_pair=per_pair, ntp=ntp, chunk=chunk)
     return fn
 

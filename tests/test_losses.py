@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sftmix_jax import losses
+from sftmix_jax import head_loss, losses
+from sftmix_jax.head_loss import LinearHead
 
 D, V = 8, 13
 
@@ -264,3 +265,70 @@ def test_sample_lambda():
     assert draws.shape == (2000, 4) and np.all(draws == draws[:, :1])
     assert abs(draws[:, 0].mean() - 0.5) < 0.03 and len(np.unique(draws[:, 0])) > 1900
     assert draws.min() >= 0.0 and draws.max() <= 1.0
+
+
+# ---------------------------------------------------------------- fused head (head_loss.py)
+def linear_head(W, vd):
+    """The head x @ W as a LinearHead holding W as [V, D] (a tied embedding) or [D, V]."""
+    w = jnp.asarray(W.T if vd else W)
+    return LinearHead(w, vd, jnp.dtype(jnp.float32), lambda x: x @ (w.T if vd else w))
+
+
+@pytest.mark.parametrize("vd,chunk", [(False, None), (True, None), (False, 8), (True, 7)])
+def test_fused_head_losses_match_numpy_and_the_differentiated_head(vd, chunk):
+    """NTP and SFTMix (with and without its NTP term) through the fused head: values against the
+    NumPy loops; gradients in h and W against differentiating the plain head. chunk 8 and 7 leave
+    a ragged last chunk of L=20."""
+    h, W, t, w = make_batch(13, SPECS, L)
+    t_, w_ = jnp.asarray(t), jnp.asarray(w)
+    lam = losses.sample_lambda(jax.random.key(5), 0.5, 4, True)
+    ntp = np_ntp(h.astype(np.float64), W.astype(np.float64), t, w)
+    mix = np_mixup(h.astype(np.float64), W.astype(np.float64), t, w, np.asarray(lam, np.float64))
+    loss, aux = losses.ntp_loss(jnp.asarray(h), linear_head(W, vd), t_, w_, chunk)
+    np.testing.assert_allclose(float(loss), ntp, rtol=1e-5)
+    assert float(aux["tokens"]) == w.sum()
+    for with_ntp in (True, False):
+        loss, aux = losses.sftmix_loss(jnp.asarray(h), linear_head(W, vd), t_, w_, jax.random.key(5), mu=0.3,
+                                       per_pair=True, ntp=with_ntp, chunk=chunk)
+        np.testing.assert_allclose(float(loss), with_ntp * ntp + 0.3 * mix, rtol=1e-5)
+        np.testing.assert_allclose(float(aux["mixup_loss"]), mix, rtol=1e-5)
+        assert ("ntp_loss" in aux) == with_ntp
+
+    def grads(fused, kind):
+        def f(h, w):
+            head = linear_head(w, vd) if fused else head_of(w)
+            if kind == "ntp":
+                return losses.ntp_loss(h, head, t_, w_, chunk if fused else None)[0]
+            return losses.sftmix_loss(h, head, t_, w_, jax.random.key(5), mu=0.3, per_pair=True,
+                                      ntp=kind == "sftmix", chunk=chunk if fused else None)[0]
+        return jax.jit(jax.grad(f, (0, 1)))(jnp.asarray(h), jnp.asarray(W))
+
+    for kind in ("ntp", "sftmix", "mixup"):
+        for a, b in zip(grads(True, kind), grads(False, kind)):
+            assert np.abs(np.asarray(b)).max() > 1e-3
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_fused_head_skips_a_frozen_weight_gradient():
+    """Differentiating h only (LoRA's frozen head): two matmuls (logits, dh), no dW; same dh."""
+    h, W, t, w = make_batch(14, SPECS, L)
+    args = (jnp.asarray(t), jnp.asarray(w))
+    fused = jax.jit(jax.grad(lambda h: losses.ntp_loss(h, linear_head(W, True), *args)[0]))
+    plain = jax.grad(lambda h: losses.ntp_loss(h, head_of(W), *args)[0])
+    np.testing.assert_allclose(np.asarray(fused(jnp.asarray(h))), np.asarray(plain(jnp.asarray(h))), atol=1e-6)
+    assert fused.lower(jnp.asarray(h)).as_text().count("dot_general") == 2
+
+
+def test_ce_sum_gradient_is_softmax_minus_onehots():
+    rng = np.random.default_rng(15)
+    logits = rng.normal(size=(6, V)) * 3
+    t1, t2 = rng.integers(0, V, 6), rng.integers(0, V, 6)
+    w1, w2 = rng.random(6), rng.random(6)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    expected = p * (w1 + w2)[:, None] - w1[:, None] * np.eye(V)[t1] - w2[:, None] * np.eye(V)[t2]
+    value, g = jax.value_and_grad(head_loss.ce_sum)(jnp.asarray(logits, jnp.float32), (jnp.asarray(t1), jnp.asarray(t2)),
+                                                    (jnp.asarray(w1, jnp.float32), jnp.asarray(w2, jnp.float32)))
+    ref = sum(wi[r] * np_ce(logits[r], ti[r]) for ti, wi in ((t1, w1), (t2, w2)) for r in range(6))
+    np.testing.assert_allclose(float(value), ref, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g), expected, atol=1e-6)
