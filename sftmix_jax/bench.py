@@ -19,6 +19,7 @@ the GPU too (autocast to bfloat16 when --dtype is), and --memory reports each st
 memory. Not a test.
 """
 import argparse
+import dataclasses
 import json
 import time
 
@@ -28,7 +29,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sftmix_jax import evaluate, hf, train, xla_cpu
+from sftmix_jax import evaluate, hf, losses, train, xla_cpu
+from sftmix_jax.head_loss import LinearHead
 from sftmix_jax.model import ATTENTION, REMAT, ModelConfig, attention_impl, init_model
 
 SHAPES = {
@@ -200,6 +202,22 @@ def measure_peak(step, torch_kind: bool) -> dict:
     return {"peak_mb": jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**20}
 
 
+def head_loss_step(head: LinearHead, batch, fused: bool, chunk):
+    """Head + NTP loss alone, forward and backward (d h, d W) on random hidden states: fused
+    (head_loss.py) or the head differentiated through (losses.py's reference path)."""
+    B, L = batch["targets"].shape
+    D = head.w.shape[1] if head.vd else head.w.shape[0]
+    h_BLD = jax.random.normal(jax.random.key(1), (B, L, D), head.dtype)
+
+    def loss(h_BLD, w):
+        plain = lambda x: jnp.einsum("...D,VD->...V" if head.vd else "...D,DV->...V", x, w.astype(head.dtype))  # noqa: E731
+        h = dataclasses.replace(head, w=w, call=plain) if fused else plain
+        return losses.ntp_loss(h_BLD, h, batch["targets"], batch["weights"], chunk)[0]
+
+    grad = jax.jit(jax.grad(loss, (0, 1)), compiler_options=xla_cpu.compiler_options("train"))
+    return lambda: jax.block_until_ready(grad(h_BLD, head.w))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -212,7 +230,8 @@ def main():
     p.add_argument("--remat", default="none", choices=REMAT)
     p.add_argument("--attention", default="auto", choices=ATTENTION)
     p.add_argument("--ce-chunk", type=int, default=0)
-    p.add_argument("--kinds", default="ntp,sftmix,replay", help="which of our steps to time")
+    p.add_argument("--kinds", default="ntp,sftmix,replay",
+                   help="which of our steps to time; also head, head_fused: head + NTP loss alone, differentiated / fused")
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--torch", action="store_true", help="also time PyTorch + transformers on the same shape")
     p.add_argument("--memory", action="store_true", help="peak memory of each step kind, in subprocesses")
@@ -221,8 +240,8 @@ def main():
     args = p.parse_args()
     B, L = args.batch or DEFAULT_BATCH[args.shape][0], args.seq or DEFAULT_BATCH[args.shape][1]
     kinds = args.kinds.split(",") + (["torch_ntp", "torch_sftmix"] if args.torch else [])
-    if unknown := set(kinds) - {"ntp", "sftmix", "replay", "torch_ntp", "torch_sftmix"}:
-        raise SystemExit(f"--kinds: unknown {sorted(unknown)} (use ntp, sftmix, replay)")
+    if unknown := set(kinds) - {"ntp", "sftmix", "replay", "head", "head_fused", "torch_ntp", "torch_sftmix"}:
+        raise SystemExit(f"--kinds: unknown {sorted(unknown)} (use ntp, sftmix, replay, head, head_fused)")
     kinds = [args.only] if args.only else kinds
     runtime = dict(dtype=args.dtype, remat=args.remat, attention=args.attention)
     cfg = (hf.model_config(ml_collections.ConfigDict(dict(source=args.model, param_dtype="float32", **runtime)))
@@ -253,6 +272,8 @@ def main():
             elif k == "replay":
                 eval_batch = {k2: batch[k2] for k2 in ("input_ids", "targets", "weights")}
                 steps[k] = lambda: jax.block_until_ready(replay_fn(params, eval_batch))
+            elif k in ("head", "head_fused"):
+                steps[k] = head_loss_step(model.linear_head(), batch, k == "head_fused", chunk)
         if "replay" not in kinds:  # hold one copy of the weights per train step kind, as torch does
             del model, params
     if any(k.startswith("torch") for k in kinds):
@@ -280,7 +301,8 @@ def main():
            "batch": [B, L], "real_tokens": tokens, **runtime, "peak_tflops": peak, "matmul_tflops": measured}
     for k in kinds:
         sec = float(np.median(times[k]))
-        train_flops = fpt * padded if k != "replay" else fpt * padded / 3  # forward only: 1/3
+        train_flops = {"replay": fpt * padded / 3,  # forward only: 1/3
+                       "head": 6 * cfg.hidden_size * cfg.vocab_size * padded}.get(k.removesuffix("_fused"), fpt * padded)
         res[k] = {"step_ms": 1000 * sec, "tokens_per_s": tokens / sec,
                   "mfu": train_flops / sec / (peak * 1e12), "spread_ms": 1000 * float(np.ptp(times[k]))}
     if args.memory:
@@ -302,6 +324,7 @@ def main():
               f"MFU {100 * res[k]['mfu']:5.1f}%{mem}")
     pairs = {"sftmix/ntp step time": ("sftmix", "ntp", "step_ms"),
              "ntp tokens/s ours/torch": ("ntp", "torch_ntp", "tokens_per_s"),
+             "head+loss time fused/differentiated": ("head_fused", "head", "step_ms"),
              "sftmix tokens/s ours/torch": ("sftmix", "torch_sftmix", "tokens_per_s"),
              "sftmix/ntp peak memory": ("sftmix", "ntp", "peak_mb"),
              "ntp peak memory ours/torch": ("ntp", "torch_ntp", "peak_mb")}

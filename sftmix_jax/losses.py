@@ -82,24 +82,52 @@ def ntp_loss(h_BLD, head: Head, targets_BL, weights_BL, chunk: int | None = None
     return loss, {"ntp_loss": loss, "tokens": count}
 
 
-def align_responses(h_BLD, targets_BL, weights_BL, max_tokens: int | None = None):
-    """Left-align each row's response positions: slot n holds the row's n-th weighted position.
+def response_order(weights_BL, max_tokens: int | None = None):
+    """(idx_BL, count_B, N): each row's positions with its response positions first, in order.
 
-    Returns (h_BND, targets_BN, count_B). A stable argsort of (not-response) puts the response
-    positions first in their original order, so multi-turn responses concatenate in order.
-    Slots n >= count_B[b] hold prompt/padding junk; callers mask them with count_B. With
-    max_tokens < L, count_B is clipped to N (responses longer than N are truncated).
+    A stable argsort of (not-response) keeps the response positions in their original order, so
+    multi-turn responses concatenate in order. count_B: response tokens per row, clipped to
+    N = max_tokens or L (responses longer than N are truncated).
     """
-    B, L, _ = h_BLD.shape
+    L = weights_BL.shape[1]
     N = L if max_tokens is None else int(max_tokens)
     if not 0 < N <= L:
         raise ValueError(f"max_tokens must be in [1, L={L}], got {max_tokens}")
     is_resp_BL = weights_BL > 0
-    idx_BN = jnp.argsort(jnp.logical_not(is_resp_BL).astype(jnp.int32), axis=1, stable=True)[:, :N]
+    idx_BL = jnp.argsort(jnp.logical_not(is_resp_BL).astype(jnp.int32), axis=1, stable=True)
+    return idx_BL, jnp.minimum(jnp.sum(is_resp_BL, axis=1, dtype=jnp.int32), N), N
+
+
+def align_responses(h_BLD, targets_BL, weights_BL, max_tokens: int | None = None):
+    """Left-align each row's response positions: slot n holds the row's n-th weighted position.
+
+    Returns (h_BND, targets_BN, count_B) in `response_order`. Slots n >= count_B[b] hold
+    prompt/padding junk; callers mask them with count_B.
+    """
+    idx_BL, count_B, N = response_order(weights_BL, max_tokens)
+    idx_BN = idx_BL[:, :N]
     h_BND = jnp.take_along_axis(h_BLD, idx_BN[:, :, None], axis=1)
     targets_BN = jnp.take_along_axis(targets_BL, idx_BN, axis=1)
-    count_B = jnp.minimum(jnp.sum(is_resp_BL, axis=1, dtype=jnp.int32), N)
     return h_BND, targets_BN, count_B
+
+
+def pair_slots(count_B, N: int):
+    """(valid_KN, count): pair k mixes its aligned slots n < M_k = min(count_c, count_u)."""
+    M_K = jnp.minimum(count_B[0::2], count_B[1::2])
+    return (jnp.arange(N)[None, :] < M_K[:, None]).astype(jnp.float32), jnp.sum(M_K).astype(jnp.float32)
+
+
+def mix_pairs(logits_BNV, lam_K):
+    """lam_k * logits[2k] + (1 - lam_k) * logits[2k+1] -> [K, N, V], in float32 at least.
+
+    Weighted over a [K, 2, N, V] pair axis: its gradient is one broadcast multiply, where the
+    strided row slices [0::2] / [1::2] would each pad back to full [B, N, V] and be added.
+    """
+    K = lam_K.shape[0]
+    acc = jnp.promote_types(logits_BNV.dtype, jnp.float32)
+    lam_K2 = jnp.stack([lam_K, 1.0 - lam_K], axis=1)
+    logits_K2NV = logits_BNV.reshape(K, 2, *logits_BNV.shape[1:]).astype(acc)
+    return jnp.einsum("KSNV,KS->KNV", logits_K2NV, lam_K2, precision=jax.lax.Precision.HIGHEST)
 
 
 @jax.custom_vjp
@@ -140,9 +168,7 @@ def mixup_loss(h_BLD, head: Head, targets_BL, weights_BL, lam_K,
     K = _num_pairs(h_BLD.shape[0])
     lam_K = jnp.broadcast_to(jnp.asarray(lam_K, jnp.float32), (K,))
     h_BND, y_BN, count_B = align_responses(h_BLD, targets_BL, weights_BL, max_tokens)
-    N = h_BND.shape[1]
-    M_K = jnp.minimum(count_B[0::2], count_B[1::2])
-    valid_KN = (jnp.arange(N)[None, :] < M_K[:, None]).astype(jnp.float32)
+    valid_KN, count = pair_slots(count_B, h_BND.shape[1])
     lam_K11 = lam_K[:, None, None]
     # Mix in float32 (at least), then back to the activation dtype so the head sees what it expects.
     acc = jnp.promote_types(h_BND.dtype, jnp.float32)
@@ -151,7 +177,6 @@ def mixup_loss(h_BLD, head: Head, targets_BL, weights_BL, lam_K,
     w_c_KN = lam_K[:, None] * valid_KN
     w_u_KN = (1.0 - lam_K[:, None]) * valid_KN
     total = _chunked_ce_sum(z_KND, head, [y_BN[0::2], y_BN[1::2]], [w_c_KN, w_u_KN], chunk)
-    count = jnp.sum(M_K).astype(jnp.float32)
     loss = total / jnp.maximum(count, 1.0)
     return loss, {"mixup_loss": loss, "mixup_tokens": count}
 
@@ -165,25 +190,15 @@ def mixup_loss_from_logits(logits_BLV, targets_BL, weights_BL, lam_K, max_tokens
     """
     K = _num_pairs(logits_BLV.shape[0])
     lam_K = jnp.broadcast_to(jnp.asarray(lam_K, jnp.float32), (K,))
-    L = logits_BLV.shape[1]
-    N = L if max_tokens is None else int(max_tokens)
-    # align_responses' order, applied as a full permutation of L (cheap gradient), then cut to N
-    idx_BL = jnp.argsort(jnp.logical_not(weights_BL > 0).astype(jnp.int32), axis=1, stable=True)
+    # response_order applied as a full permutation of L (cheap gradient), then cut to N
+    idx_BL, count_B, N = response_order(weights_BL, max_tokens)
     logits_BNV = permute_rows(logits_BLV, idx_BL)[:, :N]
     y_BN = jnp.take_along_axis(targets_BL, idx_BL, axis=1)[:, :N]
-    count_B = jnp.minimum(jnp.sum(weights_BL > 0, axis=1, dtype=jnp.int32), N)
-    M_K = jnp.minimum(count_B[0::2], count_B[1::2])
-    valid_KN = (jnp.arange(N)[None, :] < M_K[:, None]).astype(jnp.float32)
-    acc = jnp.promote_types(logits_BNV.dtype, jnp.float32)
-    # [K, 2, N, V] weighted over the pair axis: its gradient is one broadcast multiply, where the
-    # strided row slices [0::2] / [1::2] would each pad back to full [B, N, V] and be added.
-    lam_K2 = jnp.stack([lam_K, 1.0 - lam_K], axis=1)
-    logits_K2NV = logits_BNV.reshape(K, 2, *logits_BNV.shape[1:]).astype(acc)
-    mixed_KNV = jnp.einsum("KSNV,KS->KNV", logits_K2NV, lam_K2, precision=jax.lax.Precision.HIGHEST)
+    valid_KN, count = pair_slots(count_B, N)
+    mixed_KNV = mix_pairs(logits_BNV, lam_K)
     lam_K1 = lam_K[:, None]
     total = (jnp.sum(lam_K1 * valid_KN * cross_entropy(mixed_KNV, y_BN[0::2]))
              + jnp.sum((1.0 - lam_K1) * valid_KN * cross_entropy(mixed_KNV, y_BN[1::2])))
-    count = jnp.sum(M_K).astype(jnp.float32)
     loss = total / jnp.maximum(count, 1.0)
     return loss, {"mixup_loss": loss, "mixup_tokens": count}
 
@@ -221,11 +236,7 @@ def sftmix_loss(h_BLD, head: Head, targets_BL, weights_BL, rng, *, mu: float = 0
 def _sftmix_piece(logits_BcV, xs, consts, ntp=True):
     """One chunk of left-aligned positions: NTP over every row + Mixup of each pair's logits."""
     (targets_Bc, weights_Bc, valid_Kc), (lam_K, ntp_scale, mix_scale) = xs, consts
-    K = lam_K.shape[0]
-    acc = jnp.promote_types(logits_BcV.dtype, jnp.float32)
-    lam_K2 = jnp.stack([lam_K, 1.0 - lam_K], axis=1)  # the [K, 2, ...] mix as in mixup_loss_from_logits
-    mixed_KcV = jnp.einsum("KScV,KS->KcV", logits_BcV.reshape(K, 2, *logits_BcV.shape[1:]).astype(acc), lam_K2,
-                           precision=jax.lax.Precision.HIGHEST)
+    mixed_KcV = mix_pairs(logits_BcV, lam_K)
     lam_K1 = lam_K[:, None]
     mix = ce_sum(mixed_KcV, (targets_Bc[0::2], targets_Bc[1::2]), (lam_K1 * valid_Kc, (1.0 - lam_K1) * valid_Kc))
     nll = ce_sum(logits_BcV, (targets_Bc,), (weights_Bc,)) if ntp else jnp.zeros((), jnp.float32)
@@ -240,19 +251,13 @@ def _fused_sftmix_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, lam_K, m
     """sftmix_loss with the head fused: positions left-aligned per row (responses first, as
     align_responses), so pair k's aligned slot n sits at the same position in both rows and a
     chunk of positions holds both the NTP and the Mixup terms of its logits."""
-    B, L, _ = h_BLD.shape
-    N = L if max_tokens is None else int(max_tokens)
-    if not 0 < N <= L:
-        raise ValueError(f"max_tokens must be in [1, L={L}], got {max_tokens}")
-    idx_BL = jnp.argsort(jnp.logical_not(weights_BL > 0).astype(jnp.int32), axis=1, stable=True)
+    L = h_BLD.shape[1]
+    idx_BL, count_B, _ = response_order(weights_BL, max_tokens)
     h_perm = permute_rows(h_BLD, idx_BL)
     targets_perm = jnp.take_along_axis(targets_BL, idx_BL, axis=1)
     weights_perm = jnp.take_along_axis(weights_BL, idx_BL, axis=1)
-    count_B = jnp.minimum(jnp.sum(weights_BL > 0, axis=1, dtype=jnp.int32), N)
-    M_K = jnp.minimum(count_B[0::2], count_B[1::2])
-    valid_KL = (jnp.arange(L)[None, :] < M_K[:, None]).astype(jnp.float32)
+    valid_KL, mix_count = pair_slots(count_B, L)
     tokens = jnp.sum(weights_BL.astype(jnp.float32))
-    mix_count = jnp.sum(M_K).astype(jnp.float32)
     scales = jax.lax.stop_gradient((1.0 / jnp.maximum(tokens, 1.0) if ntp else 0.0, mu / jnp.maximum(mix_count, 1.0)))
     piece = _sftmix_piece if ntp else _mixup_only_piece
     loss, (nll, mix) = fused_head_loss(piece, head.vd, head.dtype, chunk, h_perm, head.w,

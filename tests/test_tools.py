@@ -18,12 +18,13 @@ def run_module(*args, devices=1):
 
 def test_bench_reports_every_step_kind_and_ratio(tmp_path):
     path = tmp_path / "bench.json"
-    run_module("sftmix_jax.bench", "--shape", "tiny", "--steps", "1", "--rounds", "1", "--json", str(path))
+    run_module("sftmix_jax.bench", "--shape", "tiny", "--steps", "1", "--rounds", "1", "--json", str(path),
+               "--kinds", "ntp,sftmix,replay,head,head_fused")
     res = json.loads(path.read_text())
-    for kind in ("ntp", "sftmix", "replay"):
+    for kind in ("ntp", "sftmix", "replay", "head", "head_fused"):
         assert res[kind]["step_ms"] > 0 and 0 < res[kind]["mfu"] < 1.5, res[kind]
     assert res["peak_tflops"] > 0  # measured on CPU
-    assert res["ratios"]["sftmix/ntp step time"] > 0
+    assert res["ratios"]["sftmix/ntp step time"] > 0 and res["ratios"]["head+loss time fused/differentiated"] > 0
 
 
 def test_divergence_of_a_sharded_run_starts_at_rounding_level():
