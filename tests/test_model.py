@@ -183,6 +183,25 @@ def test_causal_attention_matches_dot_product_attention(L, N, K):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+@pytest.mark.parametrize("eq,x_shape,w_shape", [("BLD,DF->BLF", (2, 5, 8), (8, 6)), ("BLD,DNH->BLNH", (2, 5, 8), (8, 3, 4)),
+                                                 ("BLNH,NHD->BLD", (2, 5, 3, 4), (3, 4, 8))])
+def test_cpu_einsum_gradients_match_autodiff(eq, x_shape, w_shape):
+    """Dense's CPU einsum (dW from an explicit x^T) against autodiff of jnp.einsum, in float64;
+    a frozen kernel (LoRA) costs two dots (forward, dx), no dW."""
+    from sftmix_jax.model import cpu_einsum
+
+    with jax.enable_x64():
+        x, w = (jax.random.normal(jax.random.key(i), s, jnp.float64) for i, s in enumerate((x_shape, w_shape)))
+        loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(eq, x, w)))  # noqa: E731
+        ours, ref = jax.jit(jax.grad(loss(cpu_einsum), (0, 1)))(x, w), jax.grad(loss(jnp.einsum), (0, 1))(x, w)
+        for a, b in zip(ours, ref):
+            assert a.shape == b.shape and np.abs(np.asarray(b)).max() > 1e-2
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+        frozen = jax.jit(jax.grad(loss(cpu_einsum), 0))
+        np.testing.assert_allclose(np.asarray(frozen(x, w)), np.asarray(ref[0]), rtol=1e-12, atol=1e-12)
+        assert frozen.lower(x, w).as_text().count("dot_general") == 2
+
+
 def test_attention_switch_gives_the_same_model():
     """config.model.attention: 'xla' (jax.nn.dot_product_attention) and 'blocked' give one model,
     loss and gradients; 'auto' is the blocked path on CPU and cuDNN only on GPU in 16 bits."""
