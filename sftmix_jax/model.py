@@ -109,11 +109,10 @@ def cpu_einsum(eq, x, w):
     """einsum(eq, x, w) whose weight gradient contracts an explicit transposed copy of x.
 
     eq: "{batch}{in},{in}{out}->{batch}{out}" (Dense's form). Autodiff's dW = einsum(x, dy)
-    contracts x's leading (token) axes, a dot XLA:CPU leaves to Eigen (~165 GFLOP/s here);
-    with x^T materialised first (an optimization barrier keeps XLA from folding the transpose
-    back into the dot) YNNPACK takes it (~183 GFLOP/s, transpose included; [2048, 256] x
-    [2048, 768] on this 2-core EPYC). Dense uses it on the CPU backend only: GPU and TPU matmuls
-    take transposed operands natively.
+    contracts x's leading (token) axes, a dot XLA:CPU leaves to Eigen's slower GEMM; with x^T
+    materialised first (an optimization barrier keeps XLA from folding the transpose back into
+    the dot) YNNPACK takes it, transpose included still faster (README, CPU figures). Dense uses
+    it on the CPU backend only: GPU and TPU matmuls take transposed operands natively.
     """
     return jnp.einsum(eq, x, w)
 
