@@ -27,10 +27,8 @@ from sftmix_jax.generate import generate
 def nll_forward(graphdef, state, batch):
     """Forward only: per-row summed response NLL and token count, replicated to every host."""
     model = nnx.merge(graphdef, state)
-    logits_BLV = model.head(model.hidden(batch["input_ids"]))
-    nll_BL = losses.cross_entropy(logits_BLV, batch["targets"])
-    # where(), not a product: padding rows must not turn a NaN into the sum
-    nll_B = jnp.sum(jnp.where(batch["weights"] > 0, nll_BL, 0.0), -1)
+    # the head runs fused, on response tokens only
+    nll_B = losses.response_nll(model.hidden(batch["input_ids"]), model.linear_head(), batch["targets"], batch["weights"])
     return sharding.constrain(nll_B, (None,)), sharding.constrain(jnp.sum(batch["weights"], -1), (None,))
 
 

@@ -8,6 +8,12 @@ dW, and drop the logits; the backward pass only scales (dh, dW) by the incoming 
 nothing is recomputed (`python -m sftmix_jax.bench --kinds head,head_fused` times head + NTP
 loss, forward and backward, both ways). `chunk` bounds the live logits to
 [B, chunk, V]; each extra chunk costs one read-modify-write of the float32 [D, V] accumulator.
+
+Only response tokens carry loss, so the callers put them first (NTP and the replay forward flatten
+each batch shard's rows, responses first; SFTMix left-aligns each row's responses) and pass
+`active`: chunks past it, all prompt and padding, never run. The chunk length is then picked per
+batch among a few compiled candidates (`pick_chunk`): fewest logits, counting each chunk's fixed
+cost. PyTorch + transformers computes the logits of every position.
 """
 import dataclasses
 import functools
@@ -74,65 +80,116 @@ def _pieces(x, chunk, n):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def fused_head_loss(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts):
+def fused_head_loss(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts, active=None):
     """loss_fn(logits [B, c, V], xs chunk, consts) -> (scalar, aux), summed over the L chunks.
 
     h_BLD: hidden states; w: the head weight ([V, D] if vd else [D, V]); xs: arrays [X, L, ...]
     cut into chunks along L with h (zero-padded: give padding zero weight); consts: passed whole.
-    Differentiable in h_BLD and w only. Returns (loss, aux) with aux summed over chunks.
+    active: None, or a traced int: positions >= active carry zero weight in every row, so only
+    the chunks before it run (a loop with a data-dependent trip count; their loss and aux must be
+    zero there). Differentiable in h_BLD and w only. Returns (loss, aux) with aux summed over chunks.
     """
-    return _fused(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts, grads=False)[0]
+    return _fused(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts, active, grads=False)[0]
 
 
-def _fused(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts, grads=True, w_grad=True):
+MIN_CHUNK_LOGITS = 2**21  # smaller chunks save less than their fixed cost and their compile time
+
+
+def chunk_sizes(L: int, chunk: int | None, skipping: bool, rows: int = 1, vocab: int = 2**21) -> list:
+    """Candidate chunk lengths: `chunk`; else, when chunks past `active` are skipped, those of
+    L/2, L/4, L/8 whose `rows` x c x `vocab` logits reach MIN_CHUNK_LOGITS (the cheapest for each
+    batch is chosen at run time, `pick_chunk`; each is compiled, and at most half the logits are
+    live at once); else L."""
+    if chunk:
+        return [min(int(chunk), L)]
+    sizes = {-(-L // 2**i) for i in range(1, 4)} if skipping else set()
+    return sorted({c for c in sizes if rows * c * vocab >= MIN_CHUNK_LOGITS}, reverse=True) or [L]
+
+
+def chunk_cost() -> int:
+    """Fixed cost of one more chunk in tokens of head work: the read-modify-write of the float32
+    [D, V] weight gradient. ~25 on this CPU (SmolLM2's head: ~25 ms per chunk, ~1 ms per token);
+    ~400 on an H100 (2.6 us per token of a 1B Llama's head in bfloat16 against a ~1 ms RMW)."""
+    return 32 if jax.default_backend() == "cpu" else 512
+
+
+def pick_chunk(active, sizes, rows, cost):
+    """Index into `sizes` of the chunk length computing the fewest logits for the `active`
+    positions of `rows` rows, counting `cost` tokens' worth of fixed cost per chunk."""
+    return jnp.argmin(jnp.stack([(active + c - 1) // c * (rows * c + cost) for c in sizes]))
+
+
+def _fused(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts, active=None, grads=True, w_grad=True):
     B, L, D = h_BLD.shape
-    c = L if chunk is None else min(int(chunk), L)
-    n = -(-L // c)
-    w_DV, w_VD = (w.T, w) if vd else (w, w.T)  # both layouts once, so no chunk transposes W
-    w_DV, w_VD = w_DV.astype(dtype), w_VD.astype(dtype)
+    # W in its own layout for the logits and dh (a transposed copy would cost D x V more memory
+    # and no time); dW accumulates as [D, V], which XLA:CPU computes faster than [V, D].
+    w_ = w.astype(dtype)
+    w_spec = "VD" if vd else "DV"
+    V = w.shape[0] if vd else w.shape[1]
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     acc = jnp.promote_types(dtype, jnp.float32)  # dW accumulates in float32 at least
 
     def body(dw_DV, piece):
         h_BcD, xs_c = piece
         h_BcD = h_BcD.astype(dtype)
-        logits_BcV = constrain(jnp.einsum("BcD,DV->BcV", h_BcD, w_DV), ("act_batch", None, "act_vocab"))
+        logits_BcV = constrain(jnp.einsum(f"BcD,{w_spec}->BcV", h_BcD, w_), ("act_batch", None, "act_vocab"))
         if not grads:
             return dw_DV, (loss_fn(logits_BcV, xs_c, consts), None)
         (loss, aux), d_BcV = value_and_grad(logits_BcV, xs_c, consts)
         d_BcV = d_BcV.astype(dtype)
-        dh_BcD = jnp.einsum("BcV,VD->BcD", d_BcV, w_VD)
+        dh_BcD = jnp.einsum(f"BcV,{w_spec}->BcD", d_BcV, w_)
         if not w_grad:  # a frozen head (LoRA): skip its weight gradient
             return dw_DV, ((loss, aux), dh_BcD)
         dw = jnp.einsum("BcD,BcV->DV", h_BcD, d_BcV, preferred_element_type=acc)
         return (dw if dw_DV is None else dw_DV + dw), ((loss, aux), dh_BcD)
 
-    pieces = (_pieces(h_BLD, c, n), jax.tree.map(lambda x: _pieces(x, c, n), xs))
-    if n == 1:  # one chunk: no loop, no accumulator
-        dw_DV, out = body(None, jax.tree.map(lambda x: x[0], pieces))
-        out = jax.tree.map(lambda x: x[None], out)
+    def chunked(c):  # ((loss, aux), dh_BLD, dw_DV) over chunks of c positions
+        n = -(-L // c)
+        pieces = (_pieces(h_BLD, c, n), jax.tree.map(lambda x: _pieces(x, c, n), xs))
+        dw0 = jnp.zeros((D, V), acc) if grads and w_grad else None
+        if n == 1:  # one chunk: no loop, no accumulator
+            dw_DV, out = body(None, jax.tree.map(lambda x: x[0], pieces))
+            out = jax.tree.map(lambda x: x[None], out)
+        elif active is None:
+            dw_DV, out = jax.lax.scan(body, dw0, pieces)
+        else:  # the chunks before `active` only: the skipped ones keep zero loss, aux and dh
+            def step(i, carry):
+                dw_DV, out = carry
+                dw_DV, o = body(dw_DV, jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, False), pieces))
+                return dw_DV, jax.tree.map(lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, v, i, 0), out, o)
+
+            shapes = jax.eval_shape(body, dw0, jax.tree.map(lambda x: x[0], pieces))[1]
+            out = jax.tree.map(lambda s: jnp.zeros((n, *s.shape), s.dtype), shapes)
+            dw_DV, out = jax.lax.fori_loop(0, jnp.clip((active + c - 1) // c, 0, n), step, (dw0, out))
+        (loss, aux), dh = out
+        result = jax.tree.map(lambda x: jnp.sum(x, axis=0), (loss, aux))
+        dh_BLD = None if dh is None else jnp.moveaxis(dh, 0, 1).reshape(B, n * c, D)[:, :L]
+        return result, dh_BLD, dw_DV
+
+    sizes = chunk_sizes(L, chunk, active is not None, B, V)
+    if len(sizes) == 1:
+        result, dh_BLD, dw_DV = chunked(sizes[0])
     else:
-        dw_DV, out = jax.lax.scan(body, jnp.zeros(w_DV.shape, acc) if grads and w_grad else None, pieces)
-    (loss, aux), dh = out
-    result = jax.tree.map(lambda x: jnp.sum(x, axis=0), (loss, aux))
+        branches = [functools.partial(chunked, c) for c in sizes]
+        result, dh_BLD, dw_DV = jax.lax.switch(pick_chunk(active, sizes, B, chunk_cost()), branches)
     if not grads:
         return result, None
-    dh_BLD = jnp.moveaxis(dh, 0, 1).reshape(B, n * c, D)[:, :L]
     dw = None if dw_DV is None else (dw_DV.T if vd else dw_DV).astype(w.dtype)
     return result, (dh_BLD.astype(h_BLD.dtype), dw)
 
 
-def _fused_fwd(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts):
+def _fused_fwd(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts, active):
     # symbolic_zeros: inputs come wrapped, telling whether each is being differentiated
     value = lambda tree: jax.tree.map(lambda p: p.value, tree)  # noqa: E731
-    return _fused(loss_fn, vd, dtype, chunk, value(h_BLD), w.value, value(xs), value(consts), w_grad=w.perturbed)
+    return _fused(loss_fn, vd, dtype, chunk, value(h_BLD), w.value, value(xs), value(consts), value(active),
+                  w_grad=w.perturbed)
 
 
 def _fused_bwd(loss_fn, vd, dtype, chunk, res, g):
     dh_BLD, dw = res
     g_loss = g[0]  # aux carries no gradient
     dw = None if dw is None else g_loss.astype(dw.dtype) * dw
-    return g_loss.astype(dh_BLD.dtype) * dh_BLD, dw, None, None
+    return g_loss.astype(dh_BLD.dtype) * dh_BLD, dw, None, None, None
 
 
 fused_head_loss.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)

@@ -8,12 +8,14 @@ keeps pairs whole. See /work/shared/SFTMIX.md, "Stage 3".
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from sftmix_jax.head_loss import LinearHead, ce_sum, fused_head_loss
+from sftmix_jax.sharding import batch_shards
 
 Head = Callable[[jax.Array], jax.Array]  # h -> logits; a LinearHead also lets the losses fuse it
 
@@ -68,18 +70,55 @@ def _ntp_piece(logits_BcV, xs, consts):
 def ntp_loss(h_BLD, head: Head, targets_BL, weights_BL, chunk: int | None = None):
     """Token-mean NLL over all response tokens of the batch (plain SFT loss).
 
-    A LinearHead runs fused with the loss (head_loss.py); any other head is differentiated
-    through, with `chunk` then recomputing each chunk's logits in the backward pass.
+    A LinearHead runs fused with the loss (head_loss.py), on the response tokens only
+    (`responses_first`); any other head is differentiated through, with `chunk` then recomputing
+    each chunk's logits in the backward pass.
     """
     if isinstance(head, LinearHead):
         count = jnp.sum(weights_BL.astype(jnp.float32))
         scale = jax.lax.stop_gradient(1.0 / jnp.maximum(count, 1.0))
-        loss, _ = fused_head_loss(_ntp_piece, head.vd, head.dtype, chunk, h_BLD, head.w,
-                                  (targets_BL, weights_BL), (scale,))
+        h_GTD, weights_GT, targets_GT, active = responses_first(h_BLD, weights_BL, targets_BL)
+        rows = h_GTD.shape[1] // h_BLD.shape[1]
+        loss, _ = fused_head_loss(_ntp_piece, head.vd, head.dtype, chunk and rows * chunk, h_GTD, head.w,
+                                  (targets_GT, weights_GT), (scale,), active)
         return loss, {"ntp_loss": loss, "tokens": count}
     total, count = weighted_nll_sum(h_BLD, head, targets_BL, weights_BL, chunk)
     loss = total / jnp.maximum(count, 1.0)
     return loss, {"ntp_loss": loss, "tokens": count}
+
+
+def responses_first(h_BLD, weights_BL, *xs_BL):
+    """Each batch shard's rows as one row of T = (B/G) L tokens, its response tokens first, in order.
+
+    Returns (h_GTD, weights_GT, *xs_GT, active): `active` = the most response tokens of any shard,
+    so the fused head runs on those only (chunks past it are skipped). permute_rows' gradient
+    puts dh back in place. G = the mesh's batch shards: no token leaves its device.
+    """
+    B, L = weights_BL.shape
+    G = batch_shards() if B % batch_shards() == 0 else B
+    flat = lambda x: x.reshape(G, B // G * L, *x.shape[2:])  # noqa: E731
+    idx_GT, count_G, _ = response_order(flat(weights_BL))
+    rest = [jnp.take_along_axis(flat(x), idx_GT, axis=1) for x in (weights_BL, *xs_BL)]
+    return permute_rows(flat(h_BLD), idx_GT), *rest, jnp.max(count_G)
+
+
+def _row_nll_piece(logits_GcV, xs, consts, rows):
+    targets, weights, row = xs
+    # where(), not a product: a NaN at a padding position must not reach its row's sum
+    nll_Gc = jnp.where(weights > 0, weights * cross_entropy(logits_GcV, targets), 0.0)
+    return jnp.sum(nll_Gc), jnp.einsum("Gc,Gcr->Gr", nll_Gc, jax.nn.one_hot(row, rows, dtype=nll_Gc.dtype))
+
+
+def response_nll(h_BLD, head: LinearHead, targets_BL, weights_BL, chunk: int | None = None):
+    """Per-row sum of weights * NLL [B], forward only: the head on response tokens only, fused."""
+    B, L, _ = h_BLD.shape
+    row_BL = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, L))
+    h_GTD, weights_GT, targets_GT, row_GT, active = responses_first(h_BLD, weights_BL, targets_BL, row_BL)
+    rows = h_GTD.shape[1] // L  # rows per shard
+    piece = functools.partial(_row_nll_piece, rows=rows)
+    _, nll_Gr = fused_head_loss(piece, head.vd, head.dtype, chunk and rows * chunk, h_GTD, head.w,
+                                (targets_GT, weights_GT, row_GT % rows), (), active)
+    return nll_Gr.reshape(B)
 
 
 def response_order(weights_BL, max_tokens: int | None = None):
@@ -260,8 +299,9 @@ def _fused_sftmix_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, lam_K, m
     tokens = jnp.sum(weights_BL.astype(jnp.float32))
     scales = jax.lax.stop_gradient((1.0 / jnp.maximum(tokens, 1.0) if ntp else 0.0, mu / jnp.maximum(mix_count, 1.0)))
     piece = _sftmix_piece if ntp else _mixup_only_piece
+    active = jnp.max(jnp.sum(weights_BL > 0, axis=1))  # positions past every row's responses: skipped
     loss, (nll, mix) = fused_head_loss(piece, head.vd, head.dtype, chunk, h_perm, head.w,
-                                       (targets_perm, weights_perm, valid_KL), (lam_K, *scales))
+                                       (targets_perm, weights_perm, valid_KL), (lam_K, *scales), active)
     mixup = mix / jnp.maximum(mix_count, 1.0)
     aux = {"mixup_loss": mixup, "mixup_tokens": mix_count}
     if ntp:

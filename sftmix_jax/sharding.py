@@ -59,6 +59,16 @@ def constrain(x, names):
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, mesh.axis_names))
 
 
+def batch_shards() -> int:
+    """How many ways the current mesh splits activations' batch axis (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    spec = logical_to_spec(("act_batch",), mesh.axis_names)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def named_sharding(mesh, names) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(names, mesh.axis_names))
 

@@ -309,14 +309,74 @@ def test_fused_head_losses_match_numpy_and_the_differentiated_head(vd, chunk):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
-def test_fused_head_skips_a_frozen_weight_gradient():
-    """Differentiating h only (LoRA's frozen head): two matmuls (logits, dh), no dW; same dh."""
+@pytest.mark.parametrize("min_logits", [head_loss.MIN_CHUNK_LOGITS, 0])  # one chunk / 3 candidate lengths
+def test_fused_head_skips_a_frozen_weight_gradient(monkeypatch, min_logits):
+    """Differentiating h only (LoRA's frozen head): two matmuls (logits, dh) per candidate chunk
+    length, no dW; same dh."""
+    monkeypatch.setattr(head_loss, "MIN_CHUNK_LOGITS", min_logits)
     h, W, t, w = make_batch(14, SPECS, L)
     args = (jnp.asarray(t), jnp.asarray(w))
     fused = jax.jit(jax.grad(lambda h: losses.ntp_loss(h, linear_head(W, True), *args)[0]))
     plain = jax.grad(lambda h: losses.ntp_loss(h, head_of(W), *args)[0])
     np.testing.assert_allclose(np.asarray(fused(jnp.asarray(h))), np.asarray(plain(jnp.asarray(h))), atol=1e-6)
-    assert fused.lower(jnp.asarray(h)).as_text().count("dot_general") == 2
+    branches = 1 if min_logits else 3
+    assert fused.lower(jnp.asarray(h)).as_text().count("dot_general") == 2 * branches
+
+
+@pytest.mark.parametrize("specs,cost", [  # per-chunk cost 0: the smallest chunks; 1e9: the fewest
+    (SPECS, 0), (SPECS, 32), (SPECS, 10**9), ([[]] * 8, 0), ([[(0, L)]] * 8, 0), ([[(L - 1, L)]] + [[]] * 7, 0)],
+    ids=["mixed-0", "mixed-32", "mixed-1e9", "no-responses", "all-response", "one-token-at-L"])
+def test_fused_head_skips_positions_past_the_responses(monkeypatch, specs, cost):
+    """Only the head chunks holding response tokens run (NTP: each batch shard's tokens flattened,
+    responses first; SFTMix: positions up to the longest response). Whichever chunk length is
+    chosen, and with no response token at all, losses and gradients match the plain head."""
+    monkeypatch.setattr(head_loss, "chunk_cost", lambda: cost)
+    monkeypatch.setattr(head_loss, "MIN_CHUNK_LOGITS", 0)  # every candidate chunk length, however short
+    h, W, t, w = make_batch(16, specs, L)
+    t_, w_ = jnp.asarray(t), jnp.asarray(w)
+
+    def losses_and_grads(fused):
+        def f(h, W):
+            head = linear_head(W, False) if fused else head_of(W)
+            ntp = losses.ntp_loss(h, head, t_, w_)[0]
+            return ntp + losses.sftmix_loss(h, head, t_, w_, jax.random.key(5), mu=0.3, per_pair=True)[0]
+        return jax.jit(jax.value_and_grad(f, (0, 1)))(jnp.asarray(h), jnp.asarray(W))
+
+    (fused, (dh, dW)), (plain, (dh_ref, dW_ref)) = losses_and_grads(True), losses_and_grads(False)
+    np.testing.assert_allclose(float(fused), float(plain), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(dh), np.asarray(dh_ref), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dW), np.asarray(dW_ref), atol=1e-6)
+    if not w.any():
+        assert float(fused) == 0.0 and not np.asarray(dh).any() and not np.asarray(dW).any()
+
+
+@pytest.mark.parametrize("cost", [0, 10**9])
+def test_response_nll_per_row_matches_numpy(monkeypatch, cost):
+    """The replay / held-out forward: each row's summed response NLL, the head on response tokens only."""
+    monkeypatch.setattr(head_loss, "chunk_cost", lambda: cost)
+    monkeypatch.setattr(head_loss, "MIN_CHUNK_LOGITS", 0)
+    h, W, t, w = make_batch(17, SPECS, L)
+    h[7] = np.nan  # a row without responses (padding) stays 0, not NaN
+    got = jax.jit(lambda h: losses.response_nll(h, linear_head(W, True), jnp.asarray(t), jnp.asarray(w)))(jnp.asarray(h))
+    ref = [sum(np_ce(h[b, p].astype(np.float64) @ W, t[b, p]) for p in np_response_positions(w[b])) for b in range(8)]
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5)
+
+
+def test_chunk_choice_counts_logits_and_chunks():
+    """The chunk length computing fewest logits plus a fixed cost per chunk, among T/1..T/8."""
+    sizes = lambda T, rows=1, chunk=None, skipping=True: head_loss.chunk_sizes(T, chunk, skipping, rows, 8192)  # noqa: E731
+    assert sizes(2048) == [1024, 512, 256]
+    assert sizes(2048, skipping=False) == [2048]
+    assert sizes(20, chunk=7) == [7]
+    assert sizes(256, rows=8) == [128, 64, 32]
+    assert sizes(256, rows=1) == [256]  # chunks of fewer than 2^21 logits: not worth their own pass
+    assert sizes(512, rows=1) == [256]
+    pick = lambda active, T, rows=1: sizes(T, rows)[  # noqa: E731
+        int(head_loss.pick_chunk(jnp.asarray(active), sizes(T, rows), rows, cost=32))]
+    assert pick(1153, 2048) == 256  # 5 x 256 = 1280 logits: the small bench shape's NTP batch
+    assert pick(511, 1024) == 512  # one chunk of 512 rather than two of 256 (SmolLM2's batch)
+    assert pick(2048, 2048) == 1024
+    assert pick(181, 256, rows=8) == 64  # SFTMix: 8 rows up to the longest response (181)
 
 
 def test_ce_sum_gradient_is_softmax_minus_onehots():
