@@ -54,14 +54,16 @@ OPT = ml_collections.ConfigDict(dict(lr=1e-4, min_lr_ratio=0.1, warmup_ratio=0.1
                                      grad_clip=1.0, b1=0.9, b2=0.95, eps=1e-8))
 
 
-def synthetic_batch(B, L, vocab, seed=0):
-    """Prompt then response in every row (responses 25-60% of the row), right padding."""
+def synthetic_batch(B, L, vocab, seed=0, prompts=True):
+    """Rows of 3/4 L to L real tokens, right padding; prompt then response in every row (the
+    response 50-75% of the row's real tokens), or with prompts=False response only."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab, (B, L)).astype(np.int32)
     weights, mask = np.zeros((B, L), np.float32), np.zeros((B, L), np.int32)
     for b in range(B):
         length = int(rng.integers(L * 3 // 4, L + 1))
         prompt = int(rng.integers(length // 4, length // 2))
+        prompt = prompt if prompts else 1  # drawn either way: the same row lengths
         mask[b, :length] = 1
         weights[b, prompt - 1 : length - 1] = 1  # position t predicts token t+1
     targets = np.concatenate([ids[:, 1:], np.zeros((B, 1), np.int32)], 1)
@@ -230,6 +232,8 @@ def main():
     p.add_argument("--remat", default="none", choices=REMAT)
     p.add_argument("--attention", default="auto", choices=ATTENTION)
     p.add_argument("--ce-chunk", type=int, default=0)
+    p.add_argument("--no-prompts", action="store_true",
+                   help="every real token is a response token (our head then skips only the padding)")
     p.add_argument("--kinds", default="ntp,sftmix,replay",
                    help="which of our steps to time; also head, head_fused: head + NTP loss alone, differentiated / fused")
     p.add_argument("--json", default="", help="also write the results here")
@@ -246,7 +250,7 @@ def main():
     runtime = dict(dtype=args.dtype, remat=args.remat, attention=args.attention)
     cfg = (hf.model_config(ml_collections.ConfigDict(dict(source=args.model, param_dtype="float32", **runtime)))
            if args.model else ModelConfig(**SHAPES[args.shape], **runtime))
-    np_batch = synthetic_batch(B, L, cfg.vocab_size)
+    np_batch = synthetic_batch(B, L, cfg.vocab_size, prompts=not args.no_prompts)
     steps, n_params = {}, 0
     if any(not k.startswith("torch") for k in kinds):  # a torch-only subprocess holds no JAX model
         model = hf.load_pretrained(args.model, **runtime) if args.model else init_model(cfg)
