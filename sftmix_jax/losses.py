@@ -95,7 +95,8 @@ def responses_first(h_BLD, weights_BL, *xs_BL):
     puts dh back in place. G = the mesh's batch shards: no token leaves its device.
     """
     B, L = weights_BL.shape
-    G = batch_shards() if B % batch_shards() == 0 else B
+    G = batch_shards()
+    G = G if B % G == 0 else B
     flat = lambda x: x.reshape(G, B // G * L, *x.shape[2:])  # noqa: E731
     idx_GT, count_G, _ = response_order(flat(weights_BL))
     rest = [jnp.take_along_axis(flat(x), idx_GT, axis=1) for x in (weights_BL, *xs_BL)]
@@ -109,14 +110,14 @@ def _row_nll_piece(logits_GcV, xs, consts, rows):
     return jnp.sum(nll_Gc), jnp.einsum("Gc,Gcr->Gr", nll_Gc, jax.nn.one_hot(row, rows, dtype=nll_Gc.dtype))
 
 
-def response_nll(h_BLD, head: LinearHead, targets_BL, weights_BL, chunk: int | None = None):
+def response_nll(h_BLD, head: LinearHead, targets_BL, weights_BL):
     """Per-row sum of weights * NLL [B], forward only: the head on response tokens only, fused."""
     B, L, _ = h_BLD.shape
     row_BL = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, L))
     h_GTD, weights_GT, targets_GT, row_GT, active = responses_first(h_BLD, weights_BL, targets_BL, row_BL)
     rows = h_GTD.shape[1] // L  # rows per shard
     piece = functools.partial(_row_nll_piece, rows=rows)
-    _, nll_Gr = fused_head_loss(piece, head.vd, head.dtype, chunk and rows * chunk, h_GTD, head.w,
+    _, nll_Gr = fused_head_loss(piece, head.vd, head.dtype, None, h_GTD, head.w,
                                 (targets_GT, weights_GT, row_GT % rows), (), active)
     return nll_Gr.reshape(B)
 
