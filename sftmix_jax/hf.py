@@ -238,15 +238,43 @@ def _copy_tree(src, dst) -> None:
         f.copy(dst / f.name, overwrite=True)
 
 
+def _hf_tensors(model: CausalLM):
+    """(HF name, host array) per weight, LoRA adapters folded into their kernels."""
+    from sftmix_jax.lora import LoRAParam, merged_kernel
+    from sftmix_jax.multihost import fetch
+
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    scales = {tuple(path): m.lora_scale for path, m in nnx.iter_modules(model) if getattr(m, "lora_a", None) is not None}
+    for key, var in flat.items():
+        if isinstance(var, LoRAParam):  # folded into its kernel below: the export is a plain model
+            continue
+        name, _, to_hf = hf_name(key)
+        w = fetch(var.get_value())
+        if key[-1] == "kernel" and key[:-1] in scales:
+            a, b = (fetch(flat[key[:-1] + (n,)].get_value()) for n in ("lora_a", "lora_b"))
+            w = merged_kernel(w, a, b, scales[key[:-1]])
+        yield name, np.ascontiguousarray(to_hf(w))
+
+
 def save_pretrained(model: CausalLM, path: str, tokenizer=None, max_shard_bytes: int = SHARD_BYTES) -> None:
     """Write config.json, safetensors (sharded above max_shard_bytes) and the tokenizer.
 
-    A remote path (gs://...) is written locally first, then copied.
+    With several processes, call it on all of them: weights sharded across hosts are gathered
+    one at a time, and process 0 writes. A remote path (gs://...) is written locally first,
+    then copied.
     """
+    from sftmix_jax import multihost
+
     if _is_remote(path):
         with tempfile.TemporaryDirectory() as local:
             save_pretrained(model, local, tokenizer, max_shard_bytes)
-            _copy_tree(epath.Path(local), epath.Path(path))
+            if multihost.is_leader():
+                _copy_tree(epath.Path(local), epath.Path(path))
+        return
+    tensors = _hf_tensors(model)
+    if not multihost.is_leader():
+        for _ in tensors:  # the gathers are collectives: take part in each
+            pass
         return
     os.makedirs(path, exist_ok=True)
     extra = {}
@@ -256,19 +284,7 @@ def save_pretrained(model: CausalLM, path: str, tokenizer=None, max_shard_bytes:
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_to_hf(model.cfg, **extra), f, indent=2)
     shards, current, size = [], {}, 0
-    from sftmix_jax.lora import LoRAParam, merged_kernel
-
-    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    scales = {tuple(path): m.lora_scale for path, m in nnx.iter_modules(model) if getattr(m, "lora_a", None) is not None}
-    for key, var in flat.items():
-        if isinstance(var, LoRAParam):  # folded into its kernel below: the export is a plain model
-            continue
-        name, _, to_hf = hf_name(key)
-        w = np.asarray(jax.device_get(var.get_value()))
-        if key[-1] == "kernel" and key[:-1] in scales:
-            a, b = (jax.device_get(flat[key[:-1] + (n,)].get_value()) for n in ("lora_a", "lora_b"))
-            w = merged_kernel(w, a, b, scales[key[:-1]])
-        w = np.ascontiguousarray(to_hf(w))
+    for name, w in tensors:
         if current and size + w.nbytes > max_shard_bytes:
             shards.append(current)
             current, size = {}, 0

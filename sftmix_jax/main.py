@@ -21,6 +21,8 @@ MUTABLE_KEYS = ("stages", "evaluate", "train.wandb_project")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py[:ARG]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, scores, exports and reports.")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 30, "Multi-process runs: seconds without a heartbeat "
+                                  "from a process before the run is stopped on every process.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -59,11 +61,19 @@ class Run:
         return data.load_examples(self.config.data, self.tokenizer, self.config.seed)
 
     def is_done(self, stage: str) -> bool:
-        return epath.Path(self.stage_dir(stage), "done.json").exists()
+        """Decided by process 0 for all: every process skips the same stages."""
+        from sftmix_jax import multihost
+
+        return multihost.agree(epath.Path(self.stage_dir(stage), "done.json").exists())
 
     def mark_done(self, stage: str, summary: dict) -> None:
-        """The last write of a stage: its presence means every output of the stage is complete."""
-        write_atomic(epath.Path(self.stage_dir(stage), "done.json"), json.dumps(summary, indent=2))
+        """The last write of a stage: its presence means every output of the stage is complete.
+        Returns when every process has finished the stage and can read all its files."""
+        from sftmix_jax import multihost
+
+        if multihost.is_leader():
+            write_atomic(epath.Path(self.stage_dir(stage), "done.json"), json.dumps(summary, indent=2))
+        multihost.barrier(f"{stage} done")
 
 
 def parse_stages(spec: str) -> list[str]:
@@ -192,23 +202,31 @@ def needs_x64(config) -> bool:
     return "float64" in (config.model.dtype, config.model.param_dtype)
 
 
-def run_stages(config, workdir: str) -> None:
+def run_stages(config, workdir: str, heartbeat_timeout: int = 30) -> None:
     import jax
 
     if needs_x64(config):  # before any array exists; it stays on for the rest of the process
         jax.config.update("jax_enable_x64", True)
-    from sftmix_jax import confidence, evaluate, train
+    from sftmix_jax import confidence, evaluate, multihost, train, xla_cpu
 
-    from sftmix_jax import sharding, xla_cpu
-
-    sharding.init_distributed()
+    launch = multihost.initialize(heartbeat_timeout)
+    multihost.label_logs()
+    logging.info("%s", launch)
     if xla_cpu.keep_freed_memory():
         logging.info("glibc: freed memory stays in the process (set any MALLOC_ variable to opt out)")
     stages = parse_stages(config.stages)
     validate(config, stages, jax.device_count(), jax.process_count())
     resolved = json.loads(config.to_json_best_effort())
-    if jax.process_index() == 0:
-        check_workdir_config(workdir, resolved)
+    refused = None
+    if multihost.is_leader():
+        try:
+            check_workdir_config(workdir, resolved)
+        except SystemExit as e:
+            refused = str(e)
+    refused = multihost.agree(refused)  # every process leaves, or none
+    if refused:
+        raise multihost.AgreedExit(refused)
+    multihost.barrier("config.json")
     run = Run(config, workdir)
     runners = {"reference": train.run_reference, "confidence": confidence.run,
                "sftmix": train.run_sftmix, "evaluate": evaluate.run}
@@ -219,6 +237,7 @@ def run_stages(config, workdir: str) -> None:
         logging.info("stage %s: running", stage)
         epath.Path(run.stage_dir(stage)).mkdir(parents=True, exist_ok=True)
         run.mark_done(stage, runners[stage](run) or {})
+    multihost.barrier("pipeline finished")
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -233,7 +252,13 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    run_stages(_CONFIG.value, _WORKDIR.value)
+    from sftmix_jax import multihost
+
+    try:
+        run_stages(_CONFIG.value, _WORKDIR.value, _HEARTBEAT.value)
+    except BaseException as e:
+        multihost.fail_fast(e)  # several processes: exit now, so that the others stop too
+        raise
 
 
 if __name__ == "__main__":

@@ -4,8 +4,6 @@ Parameters and activations carry logical names (model.py); this table maps them 
 mesh axes `data`, `fsdp` and `tensor`. A name missing from the mesh is replicated, so the
 same model code runs on one CPU and on a pod.
 """
-import os
-
 import jax
 import numpy as np
 from flax import nnx
@@ -104,15 +102,6 @@ def make_mesh(cfg, devices=None) -> Mesh:
     else:
         arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return Mesh(arr, MESH_AXES)
-
-
-def init_distributed() -> None:
-    """jax.distributed.initialize() on multi-host runs: TPU pods, SLURM, or JAX_* env vars."""
-    env = os.environ
-    multi = ("JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
-             or "TPU_WORKER_HOSTNAMES" in env and "," in env["TPU_WORKER_HOSTNAMES"])
-    if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
 
 
 # ----------------------------------------------------------------------------------------

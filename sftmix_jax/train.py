@@ -21,11 +21,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 from tqdm.auto import tqdm
 
-from sftmix_jax import lora, losses, sharding, xla_cpu
+from sftmix_jax import lora, losses, multihost, sharding, xla_cpu
 from sftmix_jax.evaluate import heldout_loss
 
 
@@ -163,11 +162,14 @@ def restore_params(directory: str, step: int, abstract_params):
 # Signals and logging
 # ----------------------------------------------------------------------------------------
 class watch_signals:
-    """SIGTERM / SIGINT set a flag: the loop finishes its step, saves, and exits non-zero."""
+    """SIGTERM / SIGINT set a flag: the loop finishes its step, saves, and exits non-zero.
+
+    One process only. With several, SIGTERM stays with JAX's preemption notifier, which picks
+    one step for all processes to save at (`reached_preemption`), and SIGINT raises at once."""
 
     def __init__(self):
         self.signaled, self.previous = None, {}
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.previous[sig] = signal.signal(sig, self._handle)
 
@@ -249,18 +251,21 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
     keep = replay_steps(total_steps, num_replay) if num_replay else [total_steps]
     mngr = checkpoint_manager(os.path.join(stage_dir, "checkpoints"), keep_steps=keep, keep_latest=cfg.keep_latest)
     start = 0
-    for step in sorted(mngr.all_steps(), reverse=True):  # newest first; Orbax lists finished saves only
+    # Newest first; Orbax lists finished saves only. The leader's list, so all try the same steps.
+    for step in multihost.agree(sorted(mngr.all_steps(), reverse=True)):
+        error = None
         try:
             restored = mngr.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(params), opt_state=ocp.args.StandardRestore(opt_state)))
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to the one before
-            logging.warning("%s: checkpoint %d is unreadable (%s: %s); falling back to the previous one "
-                            "and keeping it as %d.unreadable", desc, step, type(e).__name__, str(e)[:200], step)
-            if jax.process_index() == 0:  # out of Orbax's sight, so the step can be saved anew
+            error = f"{type(e).__name__}: {str(e)[:200]}"
+        if not multihost.all_ok(error is None):
+            logging.warning("%s: checkpoint %d is unreadable (%s); falling back to the previous one "
+                            "and keeping it as %d.unreadable", desc, step, error or "on another process", step)
+            if multihost.is_leader():  # out of Orbax's sight, so the step can be saved anew
                 bad = _abs(os.path.join(stage_dir, "checkpoints", str(step)))
                 bad.rename(bad.parent / f"{step}.unreadable.{int(time.time())}")
-            if jax.process_count() > 1:
-                multihost_utils.sync_global_devices("checkpoint fallback")
+            multihost.barrier("checkpoint fallback")
             mngr.reload()
             continue
         params, opt_state, start = restored["params"], restored["opt_state"], step
@@ -337,8 +342,8 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
                 if must_eval:
                     bar.set_postfix_str(f"eval_loss={evaluate(done)['loss']:.4f}", refresh=False)
                 clock[0] = time.perf_counter()  # saving and evals do not count against tokens/s
-            if preempted:
-                raise SystemExit(f"{desc}: stopped by a signal after step {done}; checkpoint saved in "
+            if preempted:  # every process stops here, after the same step
+                raise multihost.AgreedExit(f"{desc}: stopped by a signal after step {done}; checkpoint saved in "
                                  f"{stage_dir}/checkpoints. Rerun the same command to resume.")
         if pending is not None:
             flush(pending)
@@ -366,8 +371,7 @@ def _finish(run, stage, model, held_out, ev) -> dict:
     from sftmix_jax import hf
 
     c = run.config
-    if jax.process_index() == 0:
-        hf.save_pretrained(model, os.path.join(run.stage_dir(stage), "hf"), tokenizer=run.tokenizer)
+    hf.save_pretrained(model, os.path.join(run.stage_dir(stage), "hf"), tokenizer=run.tokenizer)  # on every process
     if ev is None:
         ev = heldout_loss(model, held_out, c.train.eval_batch_size, c.data.buckets, run.pad_id, run.mesh) if held_out else {}
     logging.info("%s: final held-out %s", stage, ev)

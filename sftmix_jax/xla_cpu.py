@@ -31,7 +31,8 @@ OPTIONS = {  # per kind of jitted step (see the module docstring)
 }
 # jaxlib versions known to have the flag: XLA aborts on an unknown flag in XLA_FLAGS
 KNOWN_JAXLIB = ((0, 10), (0, 11))
-_user_choice = YNN_FLAG in os.environ.get("XLA_FLAGS", "")
+ORIGINAL_XLA_FLAGS = os.environ.get("XLA_FLAGS")  # before any change: what child processes should inherit
+_user_choice = YNN_FLAG in (ORIGINAL_XLA_FLAGS or "")
 ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin")
 
 
