@@ -10,13 +10,12 @@ checkpoint's perplexities are cached, so an interrupted replay resumes at the ne
 import json
 import os
 
-import jax
 import numpy as np
 from absl import logging
 from etils import epath
 from flax import nnx
 
-from sftmix_jax import hf, lora, sharding
+from sftmix_jax import hf, lora, multihost, sharding
 from sftmix_jax.evaluate import example_nll
 from sftmix_jax.model import abstract_model
 
@@ -46,7 +45,7 @@ def replay(ckpt_dir, steps, examples, model, batch_size, buckets, pad_id, cache_
     perps = []
     for step in steps:
         cache = epath.Path(cache_dir, f"perplexity_step{step}.npy")
-        if cache.exists():
+        if multihost.agree(cache.exists()):  # the leader's view: all replay the same checkpoints
             logging.info("replay: checkpoint %d cached", step)
             with cache.open("rb") as f:
                 perps.append(np.load(f))
@@ -61,7 +60,7 @@ def replay(ckpt_dir, steps, examples, model, batch_size, buckets, pad_id, cache_
         if (count == 0).any():
             raise ValueError(f"examples without response tokens: {[examples[i].id for i in np.flatnonzero(count == 0)[:5]]}")
         perp = np.exp(nll / count)
-        if jax.process_index() == 0:
+        if multihost.is_leader():
             tmp = epath.Path(str(cache) + ".tmp")
             with tmp.open("wb") as f:
                 np.save(f, perp)
@@ -99,7 +98,7 @@ def run(run) -> dict:
     split[confident], split[unconfident], split[dropped] = "confident", "unconfident", "dropped"
     if len(dropped):
         logging.info("odd number of examples: dropped the median example %s", train_ex[dropped[0]].id)
-    if jax.process_index() == 0:
+    if multihost.is_leader():  # read by the sftmix stage after mark_done's barrier
         rows = [json.dumps({"id": ex.id, "perplexity": perp_CN[:, i].tolist(), "confidence": float(conf_N[i]),
                             "variability": float(var_N[i]), "split": split[i]}) + "\n" for i, ex in enumerate(train_ex)]
         tmp = epath.Path(out, "scores.jsonl.tmp")

@@ -87,7 +87,7 @@ def exact_match(model, tokenizer, examples, max_new_tokens, batch_size=32) -> di
 # Stage `evaluate`: NTP reference vs SFTMix on the same held-out set
 # ----------------------------------------------------------------------------------------
 def run(run) -> dict:
-    from sftmix_jax import hf, multiple_choice, report
+    from sftmix_jax import hf, multihost, multiple_choice, report
 
     c = run.config
     held_out = run.data[1]
@@ -101,7 +101,7 @@ def run(run) -> dict:
     results = {}
     for stage, label in (("reference", "NTP reference"), ("sftmix", "SFTMix")):
         path = os.path.join(run.stage_dir(stage), "hf")
-        if not epath.Path(path, "config.json").exists():
+        if not multihost.agree(epath.Path(path, "config.json").exists()):
             logging.warning("evaluate: no %s model at %s, skipped", stage, path)
             continue
         model = hf.load_model(ml_collections.ConfigDict(dict(source=path, dtype=c.model.dtype, param_dtype=c.model.param_dtype,
@@ -114,10 +114,10 @@ def run(run) -> dict:
         if questions:
             out = os.path.join(run.stage_dir("evaluate"), f"multiple_choice_{stage}.jsonl")
             m["multiple_choice"] = multiple_choice.evaluate(model, run.tokenizer, questions, mc, c.data.buckets, run.pad_id,
-                                                            run.mesh, out=out if jax.process_index() == 0 else None)
+                                                            run.mesh, out=out if multihost.is_leader() else None)
         results[label] = m
         logging.info("evaluate %s: %s", label, m)
     summary = {"heldout_examples": len(held_out), "results": results, "config": json.loads(c.to_json_best_effort())}
-    if jax.process_index() == 0:
+    if multihost.is_leader():
         report.write(run.workdir, summary)
     return {"results": results}

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     first_failure, failed_at = None, None
     try:
-        while any(q.poll() is None for q in procs):
+        while [q.poll() for q in procs].count(None):
             for i, q in enumerate(procs):
                 if q.returncode not in (None, 0) and first_failure is None:
                     first_failure, failed_at = i, time.time()
