@@ -15,6 +15,7 @@ import json
 import logging as std_logging
 import os
 import sys
+import time
 import traceback
 
 import jax
@@ -22,6 +23,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+# What a collective raises when a peer has gone (gloo on CPU; NCCL and gRPC elsewhere).
+COLLECTIVE_ERRORS = ("Gloo", "NCCL", "Connection reset", "Socket closed", "connection closed")
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
@@ -44,8 +47,12 @@ def launch_source(env=os.environ) -> str | None:
     return None
 
 
+_heartbeat_timeout = [30]
+
+
 def initialize(heartbeat_timeout: int = 30, env=os.environ) -> str:
     """jax.distributed.initialize() for multi-process runs; returns a line for the log."""
+    _heartbeat_timeout[0] = heartbeat_timeout
     source = launch_source(env)
     if source is None:
         return "single process"
@@ -126,6 +133,12 @@ def fail_fast(exc: BaseException) -> None:
     if isinstance(exc, AgreedExit):
         return
     text = "".join(traceback.format_exception(exc))
+    if any(s in str(exc) for s in COLLECTIVE_ERRORS):  # most likely another process died: let JAX name it
+        wait = _heartbeat_timeout[0] + 10
+        logging.error("process %d: a collective failed (%s); another process has probably died. Waiting up "
+                      "to %d s for the coordination service to name it, then exiting.", jax.process_index(),
+                      str(exc).splitlines()[0][:300], wait)
+        time.sleep(wait)  # JAX's error poller normally ends this process first (SIGABRT), naming the lost one
     logging.error("process %d failed; ending it so that the other processes stop too:\n%s", jax.process_index(), text)
     sys.stdout.flush()
     sys.stderr.flush()
