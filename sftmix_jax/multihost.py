@@ -121,7 +121,9 @@ class _ProcessPrefix(std_logging.Filter):
 def label_logs() -> None:
     """Prefix every log line with this process's index when there are several."""
     if jax.process_count() > 1:
-        logging.get_absl_handler().addFilter(_ProcessPrefix(f"[process {jax.process_index()}/{jax.process_count()}] "))
+        prefix = _ProcessPrefix(f"[process {jax.process_index()}/{jax.process_count()}] ")
+        logging.get_absl_logger().addFilter(prefix)  # ours, whichever handler prints them
+        logging.get_absl_handler().addFilter(prefix)  # other libraries' through absl's handler
 
 
 def fail_fast(exc: BaseException) -> None:

@@ -150,6 +150,21 @@ def test_sigterm_then_sigkill_then_resume(tmp_path, two_processes, questions):
     assert done[0] == done[1]  # the same held-out metrics at the end
 
 
+def test_helpers_across_processes_and_an_exception_in_one(tmp_path):
+    """agree / all_ok / fetch / barrier over 2 real processes; then process 1 raises while process 0
+    waits in a barrier: both exit non-zero within the heartbeat bound, process 0 naming process 1."""
+    cmd = [sys.executable, "-m", "sftmix_jax.launch", "-n", "2", "-d", "2", "--module", "multihost_worker", "--", "5"]
+    t = time.time()
+    out = subprocess.run(cmd, env=dict(ENV, PYTHONPATH=os.path.dirname(__file__)), capture_output=True, text=True,
+                         cwd=ROOT, timeout=180).stdout
+    assert time.time() - t < 60, out[-3000:]
+    assert "[p0] process 0: checks passed" in out and "[p1] process 1: checks passed" in out, out[-3000:]
+    assert re.search(r"\[p1\] .*\[process 1/2\] process 1 failed; ending it", out)
+    assert "RuntimeError: injected failure in process 1" in out
+    assert re.search(r"launch: exit codes: p0 signal SIGABRT, p1 status 1", out), out[-3000:]
+    assert re.search(r"\[p0\] .*tasks are unhealthy \(stopped sending heartbeats\):\s*\[p0\] 1\b", out), out[-3000:]
+
+
 # ----------------------------------------------------------------------------------------
 # Where a process's place comes from
 # ----------------------------------------------------------------------------------------
