@@ -62,9 +62,15 @@ def example_nll(model, examples, batch_size, buckets, pad_id=0, mesh=None, desc=
     return nll, count
 
 
-def heldout_loss(model, examples, batch_size, buckets, pad_id=0, mesh=None) -> dict:
-    """Token-mean response NLL over the held-out set, and its perplexity."""
+def heldout_loss(model, examples, batch_size, buckets, pad_id=0, mesh=None, out: str | None = None) -> dict:
+    """Token-mean response NLL over the held-out set, and its perplexity.
+
+    out: a JSONL file for each example's summed response NLL and token count (paired tests).
+    """
     nll, count = example_nll(model, examples, batch_size, buckets, pad_id, mesh)
+    if out:
+        epath.Path(out).write_text("".join(json.dumps({"id": e.id, "nll": float(n), "tokens": int(c)}) + "\n"
+                                           for e, n, c in zip(examples, nll, count)))
     loss = float(nll.sum() / max(count.sum(), 1))
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(count.sum())}
 
@@ -107,7 +113,9 @@ def run(run) -> dict:
         model = hf.load_model(ml_collections.ConfigDict(dict(source=path, dtype=c.model.dtype, param_dtype=c.model.param_dtype,
                                                              remat="none", attention=c.model.get("attention", "auto"))),
                               mesh=run.mesh)
-        m = heldout_loss(model, held_out, c.evaluate.batch_size, c.data.buckets, run.pad_id, run.mesh)
+        per_example = os.path.join(run.stage_dir("evaluate"), f"heldout_{stage}.jsonl")
+        m = heldout_loss(model, held_out, c.evaluate.batch_size, c.data.buckets, run.pad_id, run.mesh,
+                         out=per_example if multihost.is_leader() else None)
         if c.evaluate.exact_match:
             m["exact_match"] = exact_match(model, run.tokenizer, held_out, c.evaluate.max_new_tokens,
                                            c.evaluate.batch_size)

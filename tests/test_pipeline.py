@@ -33,6 +33,11 @@ def test_workdir_layout(workdir):
     assert "exact_match" in summary["results"]["SFTMix"]
     md = open(os.path.join(workdir, "summary.md")).read()
     assert "| held-out loss |" in md and "NTP reference" in md and "SFTMix" in md
+    for stage, label in (("reference", "NTP reference"), ("sftmix", "SFTMix")):  # per-example rows: compare's bootstrap
+        rows = [json.loads(line) for line in open(os.path.join(workdir, "evaluate", f"heldout_{stage}.jsonl"))]
+        assert len(rows) == OVERRIDES["num_eval"] and set(rows[0]) == {"id", "nll", "tokens"}
+        loss = sum(r["nll"] for r in rows) / sum(r["tokens"] for r in rows)
+        assert loss == pytest.approx(summary["results"][label]["loss"], rel=1e-12)
 
 
 def test_reference_loss_falls(workdir):
