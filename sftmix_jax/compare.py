@@ -93,7 +93,6 @@ def _die_with_parent() -> None:
 
 def link_stages_1_2(base: str, arm: str) -> None:
     """The arm reuses the seed's reference run and replay (relative links, so DIR can move)."""
-    os.makedirs(arm, exist_ok=True)
     for stage in ("reference", "confidence"):
         link = os.path.join(arm, stage)
         if not os.path.lexists(link):
@@ -252,9 +251,9 @@ def main(argv=None) -> None:
     plan = [(s, "base", []) for s in seeds] + [(s, arm, flags) for s in seeds for arm, flags in arms.items()]
     for i, (s, arm, flags) in enumerate(plan, 1):
         d = run_dir(a.workdir, s, arm)
+        os.makedirs(d, exist_ok=True)
         if arm != "base" and stage3_only(flags):
             link_stages_1_2(run_dir(a.workdir, s), d)
-        os.makedirs(d, exist_ok=True)
         log = d + ".log"
         print(f"compare: [{i}/{len(plan)}] seed {s}, {arm}: {d} (log {log})", flush=True)
         took = run_pipeline(a.config, d, s, flags, common, log)

@@ -22,8 +22,6 @@ import sys
 import threading
 import time
 
-from sftmix_jax import xla_cpu
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -34,8 +32,7 @@ def free_port() -> int:
 def process_env(index: int, processes: int, devices: int, port: int) -> dict:
     """The environment of process `index`: CPU backend, D devices, the three JAX_* variables."""
     env = dict(os.environ)
-    # XLA_FLAGS as this launcher found it: importing sftmix_jax added a flag meant for this process only
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", xla_cpu.ORIGINAL_XLA_FLAGS or "").strip()
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).strip()
     env.update(XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(), JAX_PLATFORMS="cpu",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
                JAX_PROCESS_ID=str(index), PYTHONUNBUFFERED="1")

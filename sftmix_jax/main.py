@@ -257,7 +257,7 @@ def main(argv):
     try:
         run_stages(_CONFIG.value, _WORKDIR.value, _HEARTBEAT.value)
     except BaseException as e:
-        multihost.fail_fast(e)  # several processes: exit now, so that the others stop too
+        multihost.fail_fast(e, _HEARTBEAT.value)  # several processes: exit now, so that the others stop too
         raise
 
 

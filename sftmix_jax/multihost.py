@@ -47,12 +47,8 @@ def launch_source(env=os.environ) -> str | None:
     return None
 
 
-_heartbeat_timeout = [30]
-
-
 def initialize(heartbeat_timeout: int = 30, env=os.environ) -> str:
     """jax.distributed.initialize() for multi-process runs; returns a line for the log."""
-    _heartbeat_timeout[0] = heartbeat_timeout
     source = launch_source(env)
     if source is None:
         return "single process"
@@ -126,7 +122,7 @@ def label_logs() -> None:
         logging.get_absl_handler().addFilter(prefix)  # other libraries' through absl's handler
 
 
-def fail_fast(exc: BaseException) -> None:
+def fail_fast(exc: BaseException, heartbeat_timeout: int = 30) -> None:
     """On several processes, an exception leaves this one at once and without JAX's shutdown
     barrier (which would wait for processes still inside a collective): the coordination
     service then stops the others within the heartbeat timeout, naming this process."""
@@ -136,7 +132,7 @@ def fail_fast(exc: BaseException) -> None:
         return
     text = "".join(traceback.format_exception(exc))
     if any(s in str(exc) for s in COLLECTIVE_ERRORS):  # most likely another process died: let JAX name it
-        wait = _heartbeat_timeout[0] + 10
+        wait = heartbeat_timeout + 10
         logging.error("process %d: a collective failed (%s); another process has probably died. Waiting up "
                       "to %d s for the coordination service to name it, then exiting.", jax.process_index(),
                       str(exc).splitlines()[0][:300], wait)

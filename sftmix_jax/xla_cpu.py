@@ -31,8 +31,13 @@ OPTIONS = {  # per kind of jitted step (see the module docstring)
 }
 # jaxlib versions known to have the flag: XLA aborts on an unknown flag in XLA_FLAGS
 KNOWN_JAXLIB = ((0, 10), (0, 11))
-ORIGINAL_XLA_FLAGS = os.environ.get("XLA_FLAGS")  # before any change: what child processes should inherit
-_user_choice = YNN_FLAG in (ORIGINAL_XLA_FLAGS or "")
+# prefer_accurate_matmuls records the flag it adds here. Child processes inherit both variables,
+# so a child (a launcher's or compare's run) can tell the package's flag from the user's.
+ADDED_VAR = "SFTMIX_JAX_ADDED_XLA_FLAG"
+_OURS = f"--{YNN_FLAG}="
+_flags = os.environ.get("XLA_FLAGS", "").split()
+_inherited = os.environ.get(ADDED_VAR) == _OURS and _OURS in _flags
+_user_choice = any(YNN_FLAG in f for f in _flags if not (_inherited and f == _OURS))
 ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin")
 
 
@@ -49,7 +54,9 @@ def prefer_accurate_matmuls() -> bool:
         return False
     if _user_choice or version not in KNOWN_JAXLIB or any(importlib.util.find_spec(m) for m in ACCELERATOR_PLUGINS):
         return False
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --{YNN_FLAG}=").strip()
+    if not _inherited:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _OURS).strip()
+        os.environ[ADDED_VAR] = _OURS
     return True
 
 

@@ -23,7 +23,8 @@ def checks():
 
 
 def main():
-    multihost.initialize(heartbeat_timeout=int(sys.argv[1]))
+    heartbeat = int(sys.argv[1])
+    multihost.initialize(heartbeat)
     multihost.label_logs()
     try:
         checks()
@@ -31,7 +32,7 @@ def main():
             raise RuntimeError("injected failure in process 1")
         multihost.barrier("process 1 never comes")
     except BaseException as e:
-        multihost.fail_fast(e)
+        multihost.fail_fast(e, heartbeat)
         raise
 
 

@@ -35,6 +35,20 @@ def test_hot_steps_compile_with_ynnpack():
         assert relative_error(jax.jit(lambda a, b: a @ b, compiler_options=opts)) < 3e-6  # YNNPACK's rounding
 
 
+def test_child_processes_treat_the_packages_flag_as_not_the_users():
+    # A launcher's or compare's run inherits XLA_FLAGS with the package's flag in it: still not a user choice.
+    import subprocess
+    import sys
+
+    code = "from sftmix_jax import xla_cpu; import os; print(xla_cpu._user_choice, os.environ['XLA_FLAGS'].count('ynn'))"
+    run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,  # noqa: E731
+                                     text=True, check=True).stdout.split()[-2:]
+    assert run(dict(os.environ)) == ["False", "1"]  # inherited: recognised, not added twice
+    users = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace(f"--{xla_cpu.YNN_FLAG}=", f"--{xla_cpu.YNN_FLAG}=X"))
+    assert run(users) == ["True", "1"]  # the user's own setting
+    assert run({k: v for k, v in os.environ.items() if k != xla_cpu.ADDED_VAR}) == ["True", "1"]  # unmarked: the user's
+
+
 def test_keep_freed_memory_respects_the_users_malloc_settings():
     # In subprocesses: mallopt changes the allocator of the whole process.
     import subprocess
