@@ -138,8 +138,10 @@ def test_sigterm_then_sigkill_then_resume(tmp_path, two_processes, questions):
     assert proc.wait(timeout=120) != 0
     assert time.time() - killed < 6 * HEARTBEAT  # not the launcher's --grace (120 s): JAX stopped process 0
     out = open(log).read()
-    assert "launch: exit codes: p0 signal SIGABRT, p1 signal SIGKILL" in out, out[-3000:]
-    assert re.search(r"\[p0\] .*tasks are unhealthy \(stopped sending heartbeats\)", out)
+    # Process 0 ends one of two ways, both naming process 1: JAX's heartbeat monitor aborts it, or
+    # (when the loss falls inside a checkpoint save) orbax's barrier raises and fail_fast exits.
+    assert re.search(r"launch: exit codes: p0 (signal SIGABRT|status 1), p1 signal SIGKILL", out), out[-3000:]
+    assert re.search(r"\[p0\] .*(tasks are unhealthy \(stopped sending heartbeats\)|Task 1 heartbeat timeout)", out)
 
     proc = launch(workdir, questions, log, reference)
     assert proc.wait(timeout=600) == 0, open(log).read()[-4000:]
@@ -161,8 +163,9 @@ def test_helpers_across_processes_and_an_exception_in_one(tmp_path):
     assert "[p0] process 0: checks passed" in out and "[p1] process 1: checks passed" in out, out[-3000:]
     assert re.search(r"\[p1\] .*\[process 1/2\] process 1 failed; ending it", out)
     assert "RuntimeError: injected failure in process 1" in out
-    assert re.search(r"launch: exit codes: p0 signal SIGABRT, p1 status 1", out), out[-3000:]
-    assert re.search(r"\[p0\] .*tasks are unhealthy \(stopped sending heartbeats\):\s*\[p0\] 1\b", out), out[-3000:]
+    assert re.search(r"launch: exit codes: p0 (signal SIGABRT|status 1), p1 status 1", out), out[-3000:]
+    assert re.search(r"\[p0\] .*(tasks are unhealthy \(stopped sending heartbeats\):\s*\[p0\] 1\b"
+                     r"|Task 1 heartbeat timeout)", out), out[-3000:]
 
 
 # ----------------------------------------------------------------------------------------
