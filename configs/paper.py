@@ -86,7 +86,9 @@ def get_config(arg="llama31_8b_alpaca"):
     # openlifescienceai/medmcqa:validation, fields.choices='opa,opb,opc,opd', fields.answer=cop. PubMedQA:
     # qiaojin/PubMedQA:train, subset=pqa_labeled, fixed_choices='yes,no,maybe', fields.answer=final_decision,
     # fields.context=context.contexts, lettered=False.
-    c.evaluate = ml_collections.ConfigDict(dict(max_new_tokens=256, exact_match=False, batch_size=64, multiple_choice=dict(
+    c.evaluate = ml_collections.ConfigDict(dict(max_new_tokens=256, exact_match=False, batch_size=64,
+        other=dict(source="", num_examples=0),  # a held-out set not trained on (forgetting): file, first N rows
+        multiple_choice=dict(
         source="GBaker/MedQA-USMLE-4-options:test" if arg == "llama31_8b_medalpaca" else "", split="test", subset="",
         num_examples=0, batch_size=64, template="alpaca", lettered=True, fixed_choices="",
         fields=dict(id="id", question="question", choices="options", answer="answer_idx", context=""))))

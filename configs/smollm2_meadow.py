@@ -65,7 +65,9 @@ def get_config(arg=None):
     # multiple_choice (sftmix_jax/multiple_choice.py; source '' = off), e.g. MedQA with a network:
     # --config.evaluate.multiple_choice.source=GBaker/MedQA-USMLE-4-options:test
     # --config.evaluate.multiple_choice.fields.choices=options --config.evaluate.multiple_choice.fields.answer=answer_idx
-    c.evaluate = ml_collections.ConfigDict(dict(max_new_tokens=32, exact_match=False, batch_size=8, multiple_choice=dict(
+    c.evaluate = ml_collections.ConfigDict(dict(max_new_tokens=32, exact_match=False, batch_size=8,
+        other=dict(source="", num_examples=0),  # a held-out set not trained on (forgetting): file, first N rows
+        multiple_choice=dict(
         source="", split="test", subset="", num_examples=0, batch_size=8, template="chat", lettered=False,
         fixed_choices="", fields=dict(id="id", question="question", choices="choices", answer="answer", context=""))))
     return c

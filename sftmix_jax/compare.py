@@ -31,6 +31,7 @@ STAGE3_KEYS = ("sftmix.", "confidence.split", "evaluate.")  # settings that leav
 # (name, how to read it from a model's results, higher is better)
 METRICS = (("held-out loss", lambda m: m.get("loss"), False),
            ("held-out perplexity", lambda m: m.get("perplexity"), False),
+           ("other-set perplexity", lambda m: m.get("other", {}).get("perplexity"), False),  # forgetting
            ("exact match", lambda m: m.get("exact_match", {}).get("all"), True),
            ("multiple choice accuracy", lambda m: m.get("multiple_choice", {}).get("accuracy"), True))
 BOOTSTRAP = 2000

@@ -385,3 +385,14 @@ def load_examples(cfg: ml_collections.ConfigDict, tokenizer, seed: int):
     stats.update(train=len(train), held_out=len(held))
     logging.info("data %s: %s", cfg.source, stats)
     return train, held, stats
+
+
+def load_other(cfg: ml_collections.ConfigDict, source: str, num_examples: int, tokenizer) -> list[Example]:
+    """A second held-out set the model is not trained on (forgetting): the first num_examples rows
+    of `source`, in config.data's format, fields, template and max_length."""
+    stats = {"rows": 0, "bad": {}, "bad_ids": {}, "truncated": 0, "dropped_too_long": 0}
+    rows = _read_rows(source, cfg.split)
+    rows = rows[:num_examples] if num_examples else rows
+    out = [e for e in _convert(rows, cfg.format, cfg.fields, tokenizer, cfg, source, stats) if e is not None]
+    logging.info("data %s (other held-out set): %s", source, stats)
+    return out

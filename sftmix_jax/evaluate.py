@@ -104,6 +104,12 @@ def run(run) -> dict:
     if mc and mc.source:  # read and checked before any model loads
         multiple_choice.check_batch_size(mc, run.mesh)
         questions = multiple_choice.load_questions(mc)
+    other = c.evaluate.get("other") or {}  # absent from configs older than it
+    other_set = None
+    if other.get("source"):  # a set not trained on: how much of what the base knew survives
+        from sftmix_jax import data
+
+        other_set = data.load_other(c.data, other.source, other.num_examples, run.tokenizer)
     results = {}
     for stage, label in (("reference", "NTP reference"), ("sftmix", "SFTMix")):
         path = os.path.join(run.stage_dir(stage), "hf")
@@ -116,6 +122,10 @@ def run(run) -> dict:
         per_example = os.path.join(run.stage_dir("evaluate"), f"heldout_{stage}.jsonl")
         m = heldout_loss(model, held_out, c.evaluate.batch_size, c.data.buckets, run.pad_id, run.mesh,
                          out=per_example if multihost.is_leader() else None)
+        if other_set:
+            out = os.path.join(run.stage_dir("evaluate"), f"other_{stage}.jsonl")
+            m["other"] = {**heldout_loss(model, other_set, c.evaluate.batch_size, c.data.buckets, run.pad_id, run.mesh,
+                                         out=out if multihost.is_leader() else None), "source": other.source}
         if c.evaluate.exact_match:
             m["exact_match"] = exact_match(model, run.tokenizer, held_out, c.evaluate.max_new_tokens,
                                            c.evaluate.batch_size)

@@ -75,6 +75,8 @@ def summary_markdown(summary: dict | None, images=(), config: dict | None = None
         names = list(results)
         rows = [("held-out loss", lambda m: m.get("loss"), "{:.4f}"),
                 ("held-out perplexity", lambda m: m.get("perplexity"), "{:.3f}")]
+        if any("other" in m for m in results.values()):  # forgetting, on a set not trained on
+            rows += [("other-set perplexity", lambda m: m.get("other", {}).get("perplexity"), "{:.3f}")]
         tasks = sorted({t for m in results.values() for t in m.get("exact_match", {})}, key=lambda t: (t != "all", t))
         rows += [(f"exact match: {t}", lambda m, t=t: m.get("exact_match", {}).get(t), "{:.3f}") for t in tasks]
         if any("multiple_choice" in m for m in results.values()):

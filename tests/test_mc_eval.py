@@ -151,7 +151,8 @@ def test_configs_spell_out_every_key():
     from conftest import ROOT
 
     want = mc.default_config().to_dict()
-    for name, arg in (("tiny", None), ("smollm2_meadow", None), ("paper", "llama31_8b_medalpaca")):
+    for name, arg in (("tiny", None), ("smollm2_meadow", None), ("paper", "llama31_8b_medalpaca"),
+                      ("replica", "qwen25_05b_medalpaca"), ("replica", "llama32_1b_alpaca")):
         spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -222,3 +223,27 @@ def test_smollm2_boundary_merge_tokenized_apart(smollm2_dir):
     assert prompt_ids == tok("Answer: ")["input_ids"]
     _, (option,), apart = mc.tokenize_options(tok, "Answer:", [" Paris"], "plain")
     assert apart == 0 and tok.decode(option) == " Paris"
+
+
+def test_evaluate_stage_other_set(tiny_llama, tmp_path):
+    """evaluate.other: perplexity on a second file. Given the held-out rows themselves it must equal
+    the held-out numbers; per-example rows go to evaluate/other_<stage>.jsonl."""
+    from sftmix_jax import synthetic
+
+    _, path = tiny_llama
+    workdir = tmp_path / "run"
+    for stage in ("reference", "sftmix"):
+        transformers.AutoModelForCausalLM.from_pretrained(path).save_pretrained(workdir / stage / "hf")
+    c = tiny_config(**{"data.synthetic.num_train": 16, "data.synthetic.num_eval": 8, "evaluate.exact_match": False})
+    rows = synthetic.generate(24, c.data.synthetic.seed)[16:]
+    (tmp_path / "other.json").write_text(json.dumps(rows))
+    c.evaluate.other.source = str(tmp_path / "other.json")
+    (workdir / "evaluate").mkdir()
+    evaluate.run(main.Run(c, str(workdir)))
+    summary = json.loads((workdir / "summary.json").read_text())
+    for name, stage in (("NTP reference", "reference"), ("SFTMix", "sftmix")):
+        m = summary["results"][name]
+        assert m["other"]["loss"] == pytest.approx(m["loss"], rel=1e-12) and m["other"]["tokens"] == m["tokens"]
+        per = [json.loads(line) for line in open(workdir / "evaluate" / f"other_{stage}.jsonl")]
+        assert len(per) == 8 and sum(r["nll"] for r in per) / sum(r["tokens"] for r in per) == pytest.approx(m["loss"])
+    assert "| other-set perplexity |" in (workdir / "summary.md").read_text()
