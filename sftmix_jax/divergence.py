@@ -56,7 +56,15 @@ def main(argv):
     mesh_of = lambda d, f, t: sharding.make_mesh(  # noqa: E731 - over the first d*f*t devices
         ml_collections.ConfigDict(dict(data=d, fsdp=f, tensor=t, dcn_data=1)), jax.devices()[: d * f * t])
     mesh_a, mesh_b = mesh_of(1, 1, 1), mesh_of(d, f, t)
-    train_ex, _, _ = data.load_examples(c.data, hf.load_tokenizer(c.tokenizer or c.model.source), c.seed)
+    tokenizer = hf.load_tokenizer(c.tokenizer or c.model.source)
+    if c.model.source == "pretrain":  # the tiny suite's cached base (pre-trained here if absent)
+        from sftmix_jax import pretrain
+
+        base = pretrain.ensure(c, tokenizer, mesh_a, tokenizer.pad_token_id or 0)
+        c = c.copy_and_resolve_references()
+        with c.unlocked():
+            c.model.source = base
+    train_ex, _, _ = data.load_examples(c.data, tokenizer, c.seed)
     batches = batching.TrainBatches(train_ex, c.train.batch_size, c.seed, c.data.buckets)
     total = train.total_steps(c.train, batches.steps_per_epoch)
     step_a, pa, oa = make_run(c, mesh_a, total, 0.0)

@@ -151,6 +151,10 @@ def validate(config, stages, num_devices: int, process_count: int = 1) -> None:
         problems.append(f"config.data.template={c.data.template!r}: use 'chat' or 'alpaca'")
     if c.data.overflow not in ("truncate", "drop"):
         problems.append(f"config.data.overflow={c.data.overflow!r}: use 'truncate' or 'drop'")
+    if c.model.source == "pretrain" and (c.data.source != "synthetic" or c.tokenizer != "synthetic"
+                                         or not c.get("pretrain")):
+        problems.append("config.model.source='pretrain' (a base pre-trained on the synthetic corpus) needs "
+                        "config.data.source='synthetic', config.tokenizer='synthetic' and a config.pretrain block")
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -197,6 +201,13 @@ def _diff(a, b, prefix=""):
         yield prefix.rstrip(".")
 
 
+def with_model_source(config, source: str):
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        c.model.source = source
+    return c
+
+
 def needs_x64(config) -> bool:
     """float64 weights or activations need JAX's 64-bit mode (off by default: float64 -> float32)."""
     return "float64" in (config.model.dtype, config.model.param_dtype)
@@ -234,6 +245,10 @@ def run_stages(config, workdir: str, heartbeat_timeout: int = 30) -> None:
         if run.is_done(stage):
             logging.info("stage %s: complete in %s, skipped", stage, run.stage_dir(stage))
             continue
+        if stage != "evaluate" and run.config.model.source == "pretrain":  # the cached base, built if absent
+            from sftmix_jax import pretrain
+
+            run.config = with_model_source(run.config, pretrain.ensure(run.config, run.tokenizer, run.mesh, run.pad_id))
         logging.info("stage %s: running", stage)
         epath.Path(run.stage_dir(stage)).mkdir(parents=True, exist_ok=True)
         run.mark_done(stage, runners[stage](run) or {})

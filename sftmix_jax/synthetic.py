@@ -85,6 +85,8 @@ def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
 # ----------------------------------------------------------------------------------------
 
 TASKS = ("copy", "upper", "reverse", "sort", "count", "add")  # roughly easy -> hard
+# The pre-training corpus is broader than the instruction suite (pretrain.py).
+PRETRAIN_TASKS = TASKS + ("lower", "length", "subtract", "max")
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -116,7 +118,19 @@ def _make(task: str, rng: np.random.Generator) -> tuple[str, str, str]:
     if task == "add":
         a, b = (int(x) for x in rng.integers(0, 100, size=2))
         return "add", f"{a}+{b}", str(a + b)
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if task == "lower":
+        w = _word(rng)
+        return "lower case", w.upper(), w
+    if task == "length":
+        w = _word(rng) + _word(rng)
+        return "length", w, str(len(w))
+    if task == "subtract":
+        a, b = sorted((int(x) for x in rng.integers(0, 100, size=2)), reverse=True)
+        return "subtract", f"{a}-{b}", str(a - b)
+    if task == "max":
+        digits = "".join(str(d) for d in rng.integers(0, 10, size=int(rng.integers(3, 6))))
+        return "max digit", digits, max(digits)
+    raise ValueError(f"unknown task {task!r}; expected one of {PRETRAIN_TASKS}")
 
 
 def generate(num: int, seed: int) -> list[dict]:
@@ -139,3 +153,35 @@ def generate(num: int, seed: int) -> list[dict]:
         rows.append({"id": f"synthetic-{task}-{n}", "task": task,
                      "instruction": instruction, "input": inp, "output": out})
     return rows
+
+
+def corpus(num_docs: int, max_bytes: int, seed: int, exclude=frozenset(),
+           chat_fraction: float = 0.0) -> list[list[tuple[str, str]]]:
+    """Documents for pre-training, each a list of (prompt, answer) lines packed while the document
+    stays within `max_bytes`: `instruction: input -> ` + `output` + newline, of every family in
+    PRETRAIN_TASKS, drawn at random. The loss is on the answers only (pretrain.documents).
+
+    chat_fraction: the share of the pre-training-only families' rows written as a chat turn
+    instead (CHAT_TEMPLATE's markup), as web text holds some dialogue. The instruction suite's
+    families never are: fine-tuning must carry the format over to them.
+    exclude: (instruction, input) pairs never used (the instruction set's train and held-out
+    prompts), so that fine-tuning data and held-out answers are not pre-trained on.
+    """
+    rng = np.random.default_rng(seed)
+    docs, lines, size = [], [], 0
+    while len(docs) < num_docs:
+        task = PRETRAIN_TASKS[int(rng.integers(len(PRETRAIN_TASKS)))]
+        instruction, inp, out = _make(task, rng)
+        if (instruction, inp) in exclude:
+            continue
+        if task not in TASKS and rng.random() < chat_fraction:
+            line = (f"{ROLE_TOKENS['user']}{instruction}\n\n{inp}{EOS}{ROLE_TOKENS['assistant']}", f"{out}{EOS}\n")
+        else:
+            line = (f"{instruction}: {inp} -> ", f"{out}\n")
+        n = len("".join(line).encode())
+        if lines and size + n > max_bytes:
+            docs.append(lines)
+            lines, size = [], 0
+        lines.append(line)
+        size += n
+    return docs

@@ -37,6 +37,8 @@ def tiny_config(**kw):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
+    # From scratch at a from-scratch learning rate (the pre-trained base: test_pretrain.py).
+    c.model.source, c.train.lr = "init", 3e-3
     c.train.steps, c.train.batch_size = OVERRIDES["train_steps"], OVERRIDES["batch"]
     c.train.eval_every, c.train.save_every, c.train.log_every = 12, 8, 4
     c.data.synthetic.num_train, c.data.synthetic.num_eval = OVERRIDES["num_train"], OVERRIDES["num_eval"]

@@ -24,6 +24,7 @@ from sftmix_jax import main
     ({"evaluate.batch_size": 12}, 8, r"config.evaluate.batch_size=12 must be divisible"),
     ({"model.attention": "flash"}, 1, r"config.model.attention='flash': use one of auto, blocked, xla, cudnn, splash"),
     ({"model.remat": "dot"}, 1, r"config.model.remat='dot': use one of none, full, dots"),
+    ({"model.source": "pretrain", "data.source": "x.json"}, 1, r"config.model.source='pretrain' .* needs"),
 ])
 def test_bad_config_is_refused_naming_the_key(overrides, devices, message):
     with pytest.raises(ValueError, match=message):
@@ -33,6 +34,22 @@ def test_bad_config_is_refused_naming_the_key(overrides, devices, message):
 def test_good_config_passes():
     main.validate(tiny_config(), main.STAGES, 8)
     main.validate(tiny_config(**{"mesh.fsdp": 4, "mesh.tensor": 2}), main.STAGES, 8)
+
+
+def test_named_configs_pass():
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("replica", os.path.join(ROOT, "configs", "replica.py"))
+    replica = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replica)
+    for name in replica.RUNS:
+        main.validate(replica.get_config(name), main.STAGES, 8)
+    assert replica.get_config("qwen25_05b_alpaca,rows=64").data.num_examples == 64
+    with pytest.raises(ValueError, match="unknown replica run 'qwen'"):
+        replica.get_config("qwen")
+    main.validate(tiny_config(**{"model.source": "pretrain"}), main.STAGES, 8)
 
 
 def test_unknown_stage():
