@@ -217,19 +217,31 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     metrics = result["metrics"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4), squeeze=False)
-    for ax, (name, m) in zip(axes[0], metrics.items()):
+    fig, axes = plt.subplots(2, len(metrics), figsize=(4.5 * len(metrics), 7.5), squeeze=False)
+    for col, (name, m) in enumerate(metrics.items()):
+        ax, dax = axes[0, col], axes[1, col]
         for x, (arm, a) in enumerate(m["arms"].items()):
             pts = np.asarray(a["per_seed"])
             ax.scatter(x + np.linspace(-0.12, 0.12, len(pts)), pts, s=14, alpha=0.6, color=f"C{x}")
-            err = None if a["ci95"] is None else [[a["mean"] - a["ci95"][0]], [a["ci95"][1] - a["mean"]]]
-            ax.errorbar(x + 0.25, a["mean"], yerr=err, fmt="o", color="black", capsize=4)
+            _mean_ci_bar(ax, x + 0.25, a)
+            if arm != "NTP":  # the paired difference: what the comparison rests on
+                d = pts - np.asarray(m["arms"]["NTP"]["per_seed"])
+                dax.scatter(x + np.linspace(-0.12, 0.12, len(d)), d, s=14, alpha=0.6, color=f"C{x}")
+                _mean_ci_bar(dax, x + 0.25, m["vs_NTP"][arm])
         ax.set_xticks(range(len(m["arms"])), list(m["arms"]), rotation=15)
         ax.set_title(f"{name} ({'higher' if m['higher_is_better'] else 'lower'} is better)", fontsize=10)
+        dax.axhline(0.0, color="gray", lw=0.8)
+        dax.set_xticks(range(len(m["arms"])), [f"{a} - NTP" if a != "NTP" else "" for a in m["arms"]], rotation=15)
+        dax.set_title(f"{name}: arm - NTP, paired by seed", fontsize=10)
     fig.suptitle(f"seeds {result['seeds']}: points per seed, mean and 95% CI in black", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _mean_ci_bar(ax, x, a) -> None:
+    err = None if a["ci95"] is None else [[a["mean"] - a["ci95"][0]], [a["ci95"][1] - a["mean"]]]
+    ax.errorbar(x, a["mean"], yerr=err, fmt="o", color="black", capsize=4)
 
 
 def main(argv=None) -> None:
