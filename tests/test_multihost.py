@@ -18,7 +18,7 @@ from sftmix_jax import multihost
 
 # 60 steps a stage: long enough for every stage to do real work, short enough that float32
 # reduction order (one process vs two) stays far below the tolerance (README: divergence).
-SHORT = ["--config.train.steps=60", "--config.train.save_every=10", "--config.train.eval_every=30",
+SHORT = ["--config.model.source=init", "--config.train.lr=3e-3", "--config.train.steps=60", "--config.train.save_every=10", "--config.train.eval_every=30",
          "--config.data.synthetic.num_train=320", "--config.data.synthetic.num_eval=32",
          "--config.train.batch_size=16", "--config.evaluate.max_new_tokens=8"]
 # fsdp spans the two processes: weights and optimizer state are sharded across hosts.

@@ -69,7 +69,8 @@ def test_unknown_stage_is_refused(tmp_path):
 # ----------------------------------------------------------------------------------------
 def cli(workdir, steps=40):
     return [sys.executable, "-m", "sftmix_jax.main", "--config", os.path.join(ROOT, "configs", "tiny.py"),
-            "--workdir", workdir, "--config.stages=reference", f"--config.train.steps={steps}",
+            "--workdir", workdir, "--config.stages=reference", "--config.model.source=init", "--config.train.lr=3e-3",
+            f"--config.train.steps={steps}",
             "--config.train.save_every=10", "--config.train.eval_every=0", "--config.train.batch_size=16",
             "--config.data.synthetic.num_train=160", "--config.data.synthetic.num_eval=16"]
 

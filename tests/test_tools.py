@@ -29,7 +29,7 @@ def test_bench_reports_every_step_kind_and_ratio(tmp_path):
 
 def test_divergence_of_a_sharded_run_starts_at_rounding_level():
     out = run_module("sftmix_jax.divergence", "--config", "configs/tiny.py", "--mesh", "1,2,2", "--steps", "6",
-                     "--every", "3", "--config.train.batch_size=8", "--config.data.synthetic.num_train=64",
+                     "--every", "3", "--config.model.source=init", "--config.train.lr=3e-3", "--config.train.batch_size=8", "--config.data.synthetic.num_train=64",
                      "--config.data.synthetic.num_eval=8", devices=4)
     rows = re.findall(r"\|dloss\| (\S+)\s+\|\|A-B\|\|/\|\|A\|\| (\S+)", out)
     assert len(rows) == 2, out
