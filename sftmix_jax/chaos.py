@@ -22,7 +22,8 @@ import numpy as np
 from safetensors.numpy import load_file
 
 # A shortened tiny run from scratch: every stage does real work in about a minute on 2 CPU cores.
-SHORT = ["--config.model.source=init", "--config.train.lr=3e-3", "--config.train.steps=60", "--config.train.save_every=10", "--config.train.eval_every=30",
+SHORT = ["--config.model.source=init", "--config.train.lr=3e-3",
+         "--config.train.steps=60", "--config.train.save_every=10", "--config.train.eval_every=30",
          "--config.data.synthetic.num_train=320", "--config.data.synthetic.num_eval=32",
          "--config.train.batch_size=16", "--config.evaluate.max_new_tokens=8"]
 

@@ -22,7 +22,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from sftmix_jax import batching, data, hf, sharding, train
+from sftmix_jax import batching, data, hf, pretrain, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py[:ARG]).")
 _MESH = flags.DEFINE_string("mesh", "1,1,1", "Run B's mesh as data,fsdp,tensor (run A: one device).")
@@ -57,13 +57,7 @@ def main(argv):
         ml_collections.ConfigDict(dict(data=d, fsdp=f, tensor=t, dcn_data=1)), jax.devices()[: d * f * t])
     mesh_a, mesh_b = mesh_of(1, 1, 1), mesh_of(d, f, t)
     tokenizer = hf.load_tokenizer(c.tokenizer or c.model.source)
-    if c.model.source == "pretrain":  # the tiny suite's cached base (pre-trained here if absent)
-        from sftmix_jax import pretrain
-
-        base = pretrain.ensure(c, tokenizer, mesh_a, tokenizer.pad_token_id or 0)
-        c = c.copy_and_resolve_references()
-        with c.unlocked():
-            c.model.source = base
+    c = pretrain.resolve(c, tokenizer, mesh_a, tokenizer.pad_token_id or 0)  # the tiny suite's cached base
     train_ex, _, _ = data.load_examples(c.data, tokenizer, c.seed)
     batches = batching.TrainBatches(train_ex, c.train.batch_size, c.seed, c.data.buckets)
     total = train.total_steps(c.train, batches.steps_per_epoch)

@@ -72,7 +72,7 @@ class Run:
         from sftmix_jax import multihost
 
         if multihost.is_leader():
-            write_atomic(epath.Path(self.stage_dir(stage), "done.json"), json.dumps(summary, indent=2))
+            multihost.write_atomic(epath.Path(self.stage_dir(stage), "done.json"), json.dumps(summary, indent=2))
         multihost.barrier(f"{stage} done")
 
 
@@ -183,14 +183,9 @@ def check_workdir_config(workdir: str, config: dict) -> None:
         if old == config:
             return
     path.parent.mkdir(parents=True, exist_ok=True)  # new, or only mutable keys changed: record them
-    write_atomic(path, json.dumps(config, indent=2, sort_keys=True))
+    from sftmix_jax import multihost
 
-
-def write_atomic(path, text: str) -> None:
-    """Write to a temporary name, then rename: readers never see half a file."""
-    tmp = epath.Path(str(path) + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    multihost.write_atomic(path, json.dumps(config, indent=2, sort_keys=True))
 
 
 def _diff(a, b, prefix=""):
@@ -199,13 +194,6 @@ def _diff(a, b, prefix=""):
             yield from _diff(a.get(k), b.get(k), f"{prefix}{k}.")
     elif a != b:
         yield prefix.rstrip(".")
-
-
-def with_model_source(config, source: str):
-    c = config.copy_and_resolve_references()
-    with c.unlocked():
-        c.model.source = source
-    return c
 
 
 def needs_x64(config) -> bool:
@@ -218,7 +206,7 @@ def run_stages(config, workdir: str, heartbeat_timeout: int = 30) -> None:
 
     if needs_x64(config):  # before any array exists; it stays on for the rest of the process
         jax.config.update("jax_enable_x64", True)
-    from sftmix_jax import confidence, evaluate, multihost, train, xla_cpu
+    from sftmix_jax import confidence, evaluate, multihost, pretrain, train, xla_cpu
 
     launch = multihost.initialize(heartbeat_timeout)
     multihost.label_logs()
@@ -245,10 +233,8 @@ def run_stages(config, workdir: str, heartbeat_timeout: int = 30) -> None:
         if run.is_done(stage):
             logging.info("stage %s: complete in %s, skipped", stage, run.stage_dir(stage))
             continue
-        if stage != "evaluate" and run.config.model.source == "pretrain":  # the cached base, built if absent
-            from sftmix_jax import pretrain
-
-            run.config = with_model_source(run.config, pretrain.ensure(run.config, run.tokenizer, run.mesh, run.pad_id))
+        if stage != "evaluate":  # model.source='pretrain': the cached base, built if absent
+            run.config = pretrain.resolve(run.config, run.tokenizer, run.mesh, run.pad_id)
         logging.info("stage %s: running", stage)
         epath.Path(run.stage_dir(stage)).mkdir(parents=True, exist_ok=True)
         run.mark_done(stage, runners[stage](run) or {})

@@ -67,6 +67,15 @@ def is_leader() -> bool:
     return jax.process_index() == 0
 
 
+def write_atomic(path, text: str) -> None:
+    """Write to a temporary name, then rename: readers (other processes too) never see half a file."""
+    from etils import epath
+
+    tmp = epath.Path(str(path) + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def barrier(name: str) -> None:
     """Every process waits here until all have arrived (a no-op on one process)."""
     if jax.process_count() > 1:

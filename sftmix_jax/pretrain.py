@@ -6,9 +6,9 @@ synthetic task corpus (synthetic.corpus: more task families than the instruction
 text lines `instruction: input -> output` and, for the families outside the suite only, some chat
 turns; none of the suite's prompts), from config.model.init. The loss is on the answers: random
 inputs would otherwise dominate it, and a model this small then learns to copy letters late and
-abruptly, in fine-tuning, at a seed-dependent step. It is trained
-once per (corpus, model, schedule) and cached under config.pretrain.cache/<hash>; every seed and
-arm of the fine-tuning stages starts from the same weights. Resumable like any stage.
+abruptly, in fine-tuning, at a seed-dependent step. It is trained once per (corpus, model,
+schedule) and cached under config.pretrain.cache/<hash>; every seed and arm of the fine-tuning
+stages starts from the same weights. Resumable like any stage.
 """
 import fcntl
 import hashlib
@@ -62,12 +62,14 @@ def documents(c, tokenizer):
     exclude = {(r["instruction"], r["input"]) for r in synthetic.generate(excluded_rows(c), s.seed)}
     p = c.pretrain
     docs = synthetic.corpus(p.docs + p.heldout_docs, c.data.max_length - 1, p.seed, exclude, p.chat_fraction)
+    segments = [text for lines in docs for line in lines for text in line]  # prompt, answer, prompt, ...
+    tokens = iter(tokenizer(segments, add_special_tokens=False)["input_ids"])  # one batched call
     out = []
     for n, lines in enumerate(docs):
         ids, mask = [tokenizer.bos_token_id], [0]
-        for prompt, answer in lines:
-            for text, weight in ((prompt, 0), (answer, 1)):
-                t = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for _ in lines:
+            for weight in (0, 1):  # the prompt, then the answer
+                t = next(tokens)
                 ids += t
                 mask += [weight] * len(t)
         out.append(Example(id=f"pretrain-{n}", input_ids=np.asarray(ids, np.int32), loss_mask=np.asarray(mask, np.int8),
@@ -84,6 +86,18 @@ def train_config(c) -> ml_collections.ConfigDict:
                  min_lr_ratio=p.min_lr_ratio, eval_every=max(p.steps // 4, 1), save_every=max(p.steps // 4, 1),
                  wandb_project="")
     return t
+
+
+def resolve(c, tokenizer, mesh, pad_id: int):
+    """config with model.source='pretrain' replaced by the cached base's HF directory (pre-trained
+    first if absent); any other config unchanged."""
+    if c.model.source != "pretrain":
+        return c
+    base = ensure(c, tokenizer, mesh, pad_id)
+    c = c.copy_and_resolve_references()
+    with c.unlocked():
+        c.model.source = base
+    return c
 
 
 def ensure(c, tokenizer, mesh, pad_id: int) -> str:
@@ -122,10 +136,8 @@ def _pretrain(c, tokenizer, mesh, pad_id: int, d: str) -> None:
     model, ev = train.train(d, model, batches, held, train.ntp_loss_fn(), t, mesh=mesh, seed=c.pretrain.seed,
                             total_steps=t.steps, pad_id=pad_id, buckets=c.data.buckets, desc="pretrain")
     hf.save_pretrained(model, os.path.join(d, "hf"), tokenizer=tokenizer)
-    if multihost.is_leader():
-        tmp = epath.Path(d, "done.json.tmp")  # written last, by rename: its presence means the base is complete
-        tmp.write_text(json.dumps({"heldout": ev, "steps": t.steps, "key": cache_key(c),
-                                   "pretrain": c.pretrain.to_dict()}, indent=2))
-        tmp.replace(epath.Path(d, "done.json"))
+    if multihost.is_leader():  # written last: its presence means the base is complete
+        multihost.write_atomic(epath.Path(d, "done.json"), json.dumps(
+            {"heldout": ev, "steps": t.steps, "key": cache_key(c), "pretrain": c.pretrain.to_dict()}, indent=2))
     multihost.barrier("pretrain done")
     logging.info("pretrain: held-out %s; base saved to %s", ev, os.path.join(d, "hf"))
