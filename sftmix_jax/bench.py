@@ -242,6 +242,7 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (0: measured / known)")
     p.add_argument("--only", default="", help=argparse.SUPPRESS)  # one step kind: the memory subprocess
     args = p.parse_args()
+    xla_cpu.prefer_accurate_matmuls()  # before JAX starts its backend: as sftmix_jax.main computes
     B, L = args.batch or DEFAULT_BATCH[args.shape][0], args.seq or DEFAULT_BATCH[args.shape][1]
     kinds = args.kinds.split(",") + (["torch_ntp", "torch_sftmix"] if args.torch else [])
     if unknown := set(kinds) - {"ntp", "sftmix", "replay", "head", "head_fused", "torch_ntp", "torch_sftmix"}:

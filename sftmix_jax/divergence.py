@@ -22,7 +22,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from sftmix_jax import batching, data, hf, pretrain, sharding, train
+from sftmix_jax import batching, data, hf, pretrain, sharding, train, xla_cpu
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py[:ARG]).")
 _MESH = flags.DEFINE_string("mesh", "1,1,1", "Run B's mesh as data,fsdp,tensor (run A: one device).")
@@ -51,6 +51,7 @@ def make_run(c, mesh, total, perturb):
 
 def main(argv):
     del argv
+    xla_cpu.prefer_accurate_matmuls()  # before JAX starts its backend: as sftmix_jax.main computes
     c = _CONFIG.value
     d, f, t = (int(x) for x in _MESH.value.split(","))
     mesh_of = lambda d, f, t: sharding.make_mesh(  # noqa: E731 - over the first d*f*t devices

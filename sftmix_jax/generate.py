@@ -101,8 +101,9 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
     args = p.parse_args(argv)
 
-    from sftmix_jax import hf
+    from sftmix_jax import hf, xla_cpu
 
+    xla_cpu.prefer_accurate_matmuls()  # before JAX starts its backend: the pipeline's numerics
     model = hf.load_pretrained(args.model, dtype=args.dtype)
     tok = hf.load_tokenizer(args.model)
 

@@ -251,9 +251,11 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from sftmix_jax import multihost, xla_cpu
+
+    xla_cpu.prefer_accurate_matmuls()  # before JAX starts its backend
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    from sftmix_jax import multihost
 
     try:
         run_stages(_CONFIG.value, _WORKDIR.value, _HEARTBEAT.value)

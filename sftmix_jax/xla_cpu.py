@@ -1,10 +1,11 @@
-"""XLA:CPU matmul settings: accurate by default, fast in the jitted train step and forward pass.
+"""XLA:CPU settings, each applied explicitly (by `sftmix_jax.main` and the CLIs, not on import).
 
 XLA:CPU (jaxlib 0.10) hands matmuls to YNNPACK, whose float32 GEMMs round 3-5x more than Eigen's
 or PyTorch's (relative error vs float64 on SmolLM2's shapes: 0.9-1.6e-6 against 3.3e-7 for
-Eigen and 3.7-5.1e-7 for torch). So `prefer_accurate_matmuls`, called when sftmix_jax is
-imported, turns YNNPACK off process-wide: SmolLM2-135M's float32 logits are then 7.9e-5 - 8.9e-5
-from exact float64 ones (transformers': 6.8e-5) instead of 1.1e-4.
+Eigen and 3.7-5.1e-7 for torch). So `prefer_accurate_matmuls`, called by the command-line
+entry points before JAX starts its backend, turns YNNPACK off for that process: SmolLM2-135M's
+float32 logits are then about as far from exact float64 ones as transformers' own (README). A
+program that imports sftmix_jax as a library gets XLA's defaults unless it calls it too.
 
 The hot jitted steps get YNNPACK back through `compiler_options(kind)`, where rounding at 1e-6
 does not matter and speed does:
@@ -35,9 +36,18 @@ KNOWN_JAXLIB = ((0, 10), (0, 11))
 # so a child (a launcher's or compare's run) can tell the package's flag from the user's.
 ADDED_VAR = "SFTMIX_JAX_ADDED_XLA_FLAG"
 _OURS = f"--{YNN_FLAG}="
-_flags = os.environ.get("XLA_FLAGS", "").split()
-_inherited = os.environ.get(ADDED_VAR) == _OURS and _OURS in _flags
-_user_choice = any(YNN_FLAG in f for f in _flags if not (_inherited and f == _OURS))
+
+
+def _inherited() -> bool:
+    return os.environ.get(ADDED_VAR) == _OURS and _OURS in os.environ.get("XLA_FLAGS", "").split()
+
+
+def _user_choice() -> bool:
+    """XLA_FLAGS sets the YNNPACK flag, and not (only) as prefer_accurate_matmuls added it."""
+    inherited = _inherited()
+    return any(YNN_FLAG in f for f in os.environ.get("XLA_FLAGS", "").split() if not (inherited and f == _OURS))
+
+
 ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin")
 
 
@@ -52,9 +62,9 @@ def prefer_accurate_matmuls() -> bool:
         version = tuple(int(x) for x in importlib.metadata.version("jaxlib").split(".")[:2])
     except (importlib.metadata.PackageNotFoundError, ValueError):
         return False
-    if _user_choice or version not in KNOWN_JAXLIB or any(importlib.util.find_spec(m) for m in ACCELERATOR_PLUGINS):
+    if _user_choice() or version not in KNOWN_JAXLIB or any(importlib.util.find_spec(m) for m in ACCELERATOR_PLUGINS):
         return False
-    if not _inherited:
+    if not _inherited():
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _OURS).strip()
         os.environ[ADDED_VAR] = _OURS
     return True
@@ -70,7 +80,7 @@ def compiler_options(kind: str) -> dict | None:
     import jax.numpy as jnp
 
     options = OPTIONS[kind]
-    if _user_choice or jax.default_backend() != "cpu":
+    if _user_choice() or jax.default_backend() != "cpu":
         return None
     try:  # older jaxlib: no such option
         jax.jit(lambda x: x * 2, compiler_options=options).lower(jnp.ones(2)).compile()
@@ -83,11 +93,9 @@ def keep_freed_memory() -> bool:
     """glibc on the CPU backend: keep freed memory in the process (returns whether it was set).
 
     glibc unmaps every freed block over 32 MiB (each step's XLA scratch) and trims the heap top,
-    so each train step page-faults its scratch in again (~0.35 s of system time a step on the
-    small bench shape). With mmap off for allocations and the trim threshold at 2 GiB, the
-    scratch stays mapped: the small shape's NTP step took 651-720 ms instead of 760 ms here
-    (bench runs with the equivalent MALLOC_ environment). The price: resident memory does not
-    shrink after a peak. A no-op when any MALLOC_ variable is set (the user's choice), off the
+    so each train step page-faults its scratch in again (system time; README, CPU figures). With
+    mmap off for allocations and the trim threshold at 2 GiB, the scratch stays mapped. The price:
+    resident memory does not shrink after a peak. A no-op when any MALLOC_ variable is set (the user's choice), off the
     CPU backend and off glibc. Called by `sftmix_jax.main`, not on import.
     """
     import ctypes

@@ -52,14 +52,14 @@ def test_export_loads_in_transformers(models, tmp_path):
     # The export is weight-exact: transformers gives bit-identical logits on it ...
     assert np.abs(exported - original).max() == 0.0
     # ... and ours, jitted as the pipeline computes them, differ from it only by float32 rounding
-    # (|logits| ~40, 30 layers, hidden states up to 2e4): 0.9e-4 - 1.1e-4 here with Eigen's matmuls
-    # (xla_cpu.py), 1.3e-4 with YNNPACK's. Against exact float64 logits, transformers' float32 ones
-    # are 6.8e-5 off and ours 7.9e-5 - 8.9e-5: two roundings of the same size, which is all there is.
+    # (|logits| ~40, 30 layers, hidden states up to 2e4): two independent float32 roundings of the
+    # same model sit ~1e-4 apart, so the test asks for 1e-3, and for ours to be no more than twice
+    # as far from exact float64 logits as transformers' own float32 ones.
     graphdef, state = nnx.split(ours)
     mine = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, jnp.asarray(ids.numpy())))
-    assert np.abs(mine - exported).max() < 1.5e-4
+    assert np.abs(mine - exported).max() < 1e-3
     with torch.no_grad():
         exact = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float64).eval()
         exact = exact(ids).logits.numpy()
-    assert np.abs(mine - exact).max() <= 1.5 * np.abs(exported - exact).max()
+    assert np.abs(mine - exact).max() <= 2 * np.abs(exported - exact).max()
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path)).chat_template == tok.chat_template

@@ -1,4 +1,5 @@
-"""XLA:CPU settings (xla_cpu.py): accurate float32 matmuls by default, YNNPACK in the hot steps."""
+"""XLA:CPU settings (xla_cpu.py): accurate float32 matmuls where the entry points ask for them (never on
+import), YNNPACK in the hot steps."""
 import os
 
 import jax
@@ -17,8 +18,7 @@ def relative_error(fn):
 
 
 def test_default_matmuls_are_as_accurate_as_eigen():
-    # Importing sftmix_jax put the flag in XLA_FLAGS before the backend started (conftest imports
-    # jax first, but nothing compiles before the package is imported).
+    # conftest asked for them before the backend started, as the command-line entry points do.
     assert f"--{xla_cpu.YNN_FLAG}=" in os.environ["XLA_FLAGS"].split()
     f = jax.jit(lambda a, b: a @ b)
     assert "ynn" not in f.lower(jnp.ones((8, 8)), jnp.ones((8, 8))).compile().as_text()
@@ -40,13 +40,26 @@ def test_child_processes_treat_the_packages_flag_as_not_the_users():
     import subprocess
     import sys
 
-    code = "from sftmix_jax import xla_cpu; import os; print(xla_cpu._user_choice, os.environ['XLA_FLAGS'].count('ynn'))"
+    code = ("from sftmix_jax import xla_cpu; import os; xla_cpu.prefer_accurate_matmuls(); "
+            "print(xla_cpu._user_choice(), os.environ['XLA_FLAGS'].count('ynn'))")
     run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,  # noqa: E731
                                      text=True, check=True).stdout.split()[-2:]
     assert run(dict(os.environ)) == ["False", "1"]  # inherited: recognised, not added twice
     users = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace(f"--{xla_cpu.YNN_FLAG}=", f"--{xla_cpu.YNN_FLAG}=X"))
     assert run(users) == ["True", "1"]  # the user's own setting
     assert run({k: v for k, v in os.environ.items() if k != xla_cpu.ADDED_VAR}) == ["True", "1"]  # unmarked: the user's
+
+
+def test_importing_the_package_changes_no_environment_variable():
+    # In a fresh process, without the flag this one was given: importing is not asking.
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != xla_cpu.ADDED_VAR}
+    env["XLA_FLAGS"] = env["XLA_FLAGS"].replace(f"--{xla_cpu.YNN_FLAG}=", "").strip()
+    code = ("import os; e = dict(os.environ); import sftmix_jax, sftmix_jax.hf, sftmix_jax.model, sftmix_jax.main, "
+            "sftmix_jax.train, sftmix_jax.evaluate, sftmix_jax.generate; assert dict(os.environ) == e, 'changed'")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
 
 def test_keep_freed_memory_respects_the_users_malloc_settings():
