@@ -35,7 +35,8 @@ Gated models (Llama) need HF_TOKEN on every host.
 """
 import ml_collections
 
-from sftmix_jax import data, lora
+from sftmix_jax.data import sources
+from sftmix_jax.model import lora
 
 EXPERIMENTS = {
     "llama31_8b_alpaca": ("meta-llama/Llama-3.1-8B", "tatsu-lab/alpaca", "alpaca", 3.0),
@@ -58,7 +59,7 @@ def get_config(arg="llama31_8b_alpaca"):
     c.model = ml_collections.ConfigDict(dict(source=model, init=ml_collections.ConfigDict(),
                                              dtype="bfloat16", param_dtype="float32", remat="full", attention="auto"))
 
-    c.data = data.default_config()
+    c.data = sources.default_config()
     c.data.source = source
     c.data.format = fmt
     c.data.template = "alpaca"  # base models: the Stanford Alpaca prompt (+ EOS)

@@ -22,7 +22,8 @@ Gated models (Llama) need HF_TOKEN. Needs a network for the hub ids, or local co
 """
 import ml_collections
 
-from sftmix_jax import data, lora
+from sftmix_jax.data import sources
+from sftmix_jax.model import lora
 
 MEADOW = "medalpaca/medical_meadow_medical_flashcards"
 RUNS = {  # model, data, rows, learning rate, batch per device step
@@ -57,7 +58,7 @@ def get_config(arg="qwen25_05b_medalpaca"):
     c.tokenizer = ""
     c.model = ml_collections.ConfigDict(dict(source=model, init=ml_collections.ConfigDict(),
                                              dtype="bfloat16", param_dtype="float32", remat="full", attention="auto"))
-    c.data = data.default_config()
+    c.data = sources.default_config()
     c.data.source = source
     c.data.format = "alpaca"
     c.data.template = "alpaca"  # base models: the Stanford Alpaca prompt (+ EOS)

@@ -14,7 +14,8 @@ import os
 
 import ml_collections
 
-from sftmix_jax import data, lora
+from sftmix_jax.data import sources
+from sftmix_jax.model import lora
 
 
 def parse_arg(arg):
@@ -38,7 +39,7 @@ def get_config(arg=None):
                                              dtype="float32", param_dtype="float32", remat="none",
                                              attention="auto"))
 
-    c.data = data.default_config()
+    c.data = sources.default_config()
     c.data.source = a["data"]
     c.data.format = "alpaca"
     c.data.template = "chat"  # SmolLM2-Instruct's chat template

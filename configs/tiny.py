@@ -11,7 +11,9 @@ HF model. --config.model.source=init trains from scratch instead (then raise the
 """
 import ml_collections
 
-from sftmix_jax import data, lora, pretrain
+from sftmix_jax.data import sources
+from sftmix_jax.model import lora
+from sftmix_jax.stages import pretrain
 
 
 def get_config(arg=None):
@@ -27,7 +29,7 @@ def get_config(arg=None):
                   num_kv_heads=2, head_dim=24, rope_theta=10000.0, tie_embeddings=True),
         dtype="float32", param_dtype="float32", remat="none", attention="auto"))
 
-    c.data = data.default_config()
+    c.data = sources.default_config()
     c.data.source = "synthetic"
     c.data.max_length = 64
     c.data.buckets = (24, 32, 48, 64)

@@ -17,7 +17,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from sftmix_jax.model import CausalLM, ModelConfig, abstract_model
+from sftmix_jax.model.llama import CausalLM, ModelConfig, abstract_model
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -240,7 +240,7 @@ def _copy_tree(src, dst) -> None:
 
 def _hf_tensors(model: CausalLM):
     """(HF name, host array) per weight, LoRA adapters folded into their kernels."""
-    from sftmix_jax.lora import LoRAParam, merged_kernel
+    from sftmix_jax.model.lora import LoRAParam, merged_kernel
     from sftmix_jax.multihost import fetch
 
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -323,7 +323,7 @@ def load_model(cfg, seed: int = 0, mesh=None) -> CausalLM:
     from sftmix_jax import sharding
 
     if cfg.source == "init":
-        from sftmix_jax.model import init_model
+        from sftmix_jax.model.llama import init_model
 
         mc = model_config(cfg)
         if mesh is None:
@@ -341,7 +341,7 @@ def load_model(cfg, seed: int = 0, mesh=None) -> CausalLM:
 def load_tokenizer(source: str):
     """'synthetic' (the built-in byte-level tokenizer) or an HF directory / hub id."""
     if source == "synthetic":
-        from sftmix_jax.synthetic import make_tokenizer
+        from sftmix_jax.data.synthetic import make_tokenizer
 
         return make_tokenizer()
     from transformers import AutoTokenizer

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from sftmix_jax.head_loss import LinearHead, ce_sum, fused_head_loss
+from sftmix_jax.ops.fused_head import LinearHead, ce_sum, fused_head_loss
 from sftmix_jax.sharding import batch_shards
 
 Head = Callable[[jax.Array], jax.Array]  # h -> logits; a LinearHead also lets the losses fuse it
@@ -70,7 +70,7 @@ def _ntp_piece(logits_BcV, xs, consts):
 def ntp_loss(h_BLD, head: Head, targets_BL, weights_BL, chunk: int | None = None):
     """Token-mean NLL over all response tokens of the batch (plain SFT loss).
 
-    A LinearHead runs fused with the loss (head_loss.py), on the response tokens only
+    A LinearHead runs fused with the loss (ops/fused_head.py), on the response tokens only
     (`responses_first`); any other head is differentiated through, with `chunk` then recomputing
     each chunk's logits in the backward pass.
     """

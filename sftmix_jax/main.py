@@ -56,9 +56,9 @@ class Run:
     @functools.cached_property
     def data(self):
         """(train examples, held-out examples, stats)."""
-        from sftmix_jax import data
+        from sftmix_jax.data import sources
 
-        return data.load_examples(self.config.data, self.tokenizer, self.config.seed)
+        return sources.load_examples(self.config.data, self.tokenizer, self.config.seed)
 
     def is_done(self, stage: str) -> bool:
         """Decided by process 0 for all: every process skips the same stages."""
@@ -116,7 +116,7 @@ def validate(config, stages, num_devices: int, process_count: int = 1) -> None:
     if not c.sftmix.ntp and c.sftmix.mu == 0:
         problems.append("config.sftmix.ntp=False with mu=0 leaves no loss: set mu > 0")
     if c.get("lora"):
-        from sftmix_jax import lora
+        from sftmix_jax.model import lora
 
         if c.lora.rank < 0:
             problems.append(f"config.lora.rank={c.lora.rank} must be >= 0 (0 = full fine-tuning)")
@@ -130,7 +130,8 @@ def validate(config, stages, num_devices: int, process_count: int = 1) -> None:
     for key in ("dtype", "param_dtype"):
         if c.model[key] not in DTYPES:
             problems.append(f"config.model.{key}={c.model[key]!r}: use one of {', '.join(DTYPES)}")
-    from sftmix_jax.model import ATTENTION, REMAT
+    from sftmix_jax.ops.attention import ATTENTION
+    from sftmix_jax.model.llama import REMAT
 
     if c.model.get("remat", "none") not in REMAT:
         problems.append(f"config.model.remat={c.model.remat!r}: use one of {', '.join(REMAT)}")
@@ -206,12 +207,14 @@ def run_stages(config, workdir: str, heartbeat_timeout: int = 30) -> None:
 
     if needs_x64(config):  # before any array exists; it stays on for the rest of the process
         jax.config.update("jax_enable_x64", True)
-    from sftmix_jax import confidence, evaluate, multihost, pretrain, train, xla_cpu
+    from sftmix_jax import multihost, train
+    from sftmix_jax.stages import confidence, evaluate, pretrain
+    from sftmix_jax.ops import cpu
 
     launch = multihost.initialize(heartbeat_timeout)
     multihost.label_logs()
     logging.info("%s", launch)
-    if xla_cpu.keep_freed_memory():
+    if cpu.keep_freed_memory():
         logging.info("glibc: freed memory stays in the process (set any MALLOC_ variable to opt out)")
     stages = parse_stages(config.stages)
     validate(config, stages, jax.device_count(), jax.process_count())
@@ -251,9 +254,10 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from sftmix_jax import multihost, xla_cpu
+    from sftmix_jax import multihost
+    from sftmix_jax.ops import cpu
 
-    xla_cpu.prefer_accurate_matmuls()  # before JAX starts its backend
+    cpu.prefer_accurate_matmuls()  # before JAX starts its backend
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
 

@@ -24,8 +24,10 @@ from flax import nnx
 from orbax.checkpoint import checkpoint_managers as ocm
 from tqdm.auto import tqdm
 
-from sftmix_jax import lora, losses, multihost, sharding, xla_cpu
-from sftmix_jax.evaluate import heldout_loss
+from sftmix_jax import losses, multihost, sharding
+from sftmix_jax.model import lora
+from sftmix_jax.ops import cpu
+from sftmix_jax.stages.evaluate import heldout_loss
 
 
 # ----------------------------------------------------------------------------------------
@@ -113,12 +115,12 @@ def make_train_step(graphdef, tx, loss_fn, accum: int = 1, shardings=None, skip_
         return new_params, new_opt_state, metrics
 
     if shardings is None:
-        jitted = jax.jit(step, donate_argnums=(0, 1), compiler_options=xla_cpu.compiler_options("train"))
+        jitted = jax.jit(step, donate_argnums=(0, 1), compiler_options=cpu.compiler_options("train"))
     else:  # frozen weights keep the shardings they were loaded with (None: taken from the arrays)
         p_sh, o_sh, b_sh = shardings
         rep = sharding.replicated(b_sh.mesh)
         jitted = jax.jit(step, in_shardings=(p_sh, o_sh, b_sh, rep, None), out_shardings=(p_sh, o_sh, rep),
-                         donate_argnums=(0, 1), compiler_options=xla_cpu.compiler_options("train"))
+                         donate_argnums=(0, 1), compiler_options=cpu.compiler_options("train"))
     return lambda params, opt_state, batch, rng, frozen=None: jitted(
         params, opt_state, batch, rng, nnx.State({}) if frozen is None else frozen)
 
@@ -380,8 +382,9 @@ def _finish(run, stage, model, held_out, ev) -> dict:
 
 def run_reference(run) -> dict:
     """Stage 1: plain NTP on the SFT set, keeping C checkpoints for the confidence replay."""
-    from sftmix_jax import confidence, hf
-    from sftmix_jax.batching import TrainBatches, padding_report
+    from sftmix_jax import hf
+    from sftmix_jax.stages import confidence
+    from sftmix_jax.data.batching import TrainBatches, padding_report
 
     c = run.config
     train_ex, held_out, _ = run.data
@@ -401,8 +404,9 @@ def run_reference(run) -> dict:
 
 def run_sftmix(run) -> dict:
     """Stage 3: NTP + mu * Mixup on confident/unconfident pairs, from the same initial model."""
-    from sftmix_jax import confidence, hf
-    from sftmix_jax.batching import PairedBatches, padding_report
+    from sftmix_jax import hf
+    from sftmix_jax.stages import confidence
+    from sftmix_jax.data.batching import PairedBatches, padding_report
 
     c = run.config
     train_ex, held_out, _ = run.data

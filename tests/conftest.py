@@ -8,9 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-from sftmix_jax import xla_cpu  # noqa: E402
+from sftmix_jax.ops import cpu  # noqa: E402
 
-xla_cpu.prefer_accurate_matmuls()  # in-process runs compute as `python -m sftmix_jax.main` does
+cpu.prefer_accurate_matmuls()  # in-process runs compute as `python -m sftmix_jax.main` does
 
 import pytest  # noqa: E402
 

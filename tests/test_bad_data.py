@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from sftmix_jax import batching, data, synthetic
+from sftmix_jax.data import batching, sources, synthetic
 
 TOK = synthetic.make_tokenizer()
 GOOD = [{"id": f"g{i}", "instruction": f"say {i}", "input": "", "output": f"ok {i}"} for i in range(40)]
@@ -14,10 +14,10 @@ def load(tmp_path, rows=None, text=None, name="d.jsonl", **overrides):
     if text is None:
         text = json.dumps(rows) if name.endswith(".json") else "\n".join(json.dumps(r) for r in rows)
     path.write_text(text, encoding="utf-8")
-    cfg = data.default_config()
+    cfg = sources.default_config()
     cfg.source, cfg.eval_fraction, cfg.max_length = str(path), 0.0, 64
     cfg.update_from_flattened_dict(overrides)
-    return data.load_examples(cfg, TOK, 0)
+    return sources.load_examples(cfg, TOK, 0)
 
 
 def test_empty_file(tmp_path):

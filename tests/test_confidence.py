@@ -8,8 +8,11 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from sftmix_jax import batching, confidence, data, hf, synthetic, train
-from sftmix_jax.model import abstract_model
+from sftmix_jax import hf, train
+from sftmix_jax.data import batching
+from sftmix_jax.stages import confidence
+from sftmix_jax.data import sources, synthetic
+from sftmix_jax.model.llama import abstract_model
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +24,7 @@ def scores(workdir):
 def test_confidence_is_minus_mean_perplexity_recomputed(workdir, scores):
     """Restore each checkpoint, run one example at a time unpadded, NumPy log-softmax."""
     c = tiny_config()
-    train_ex, _, _ = data.load_examples(c.data, synthetic.make_tokenizer(), c.seed)
+    train_ex, _, _ = sources.load_examples(c.data, synthetic.make_tokenizer(), c.seed)
     steps = json.load(open(os.path.join(workdir, "reference", "done.json")))["replay_steps"]
     graphdef, abstract = nnx.split(abstract_model(hf.model_config(c.model)))
     picks = [0, 7, 77, len(train_ex) - 1]
@@ -60,7 +63,7 @@ def test_odd_count_drops_the_median_example():
 
 def test_random_split_control(workdir, scores):
     c = tiny_config()
-    train_ex, _, _ = data.load_examples(c.data, synthetic.make_tokenizer(), c.seed)
+    train_ex, _, _ = sources.load_examples(c.data, synthetic.make_tokenizer(), c.seed)
     d = os.path.join(workdir, "confidence")
     conf_c, conf_u = confidence.load_split(d, train_ex, "confidence")
     rand_c, rand_u = confidence.load_split(d, train_ex, "random", seed=0)
@@ -76,7 +79,7 @@ def test_random_split_control(workdir, scores):
 
 def test_sftmix_batches_hold_half_of_each(workdir):
     c = tiny_config()
-    train_ex, _, _ = data.load_examples(c.data, synthetic.make_tokenizer(), c.seed)
+    train_ex, _, _ = sources.load_examples(c.data, synthetic.make_tokenizer(), c.seed)
     conf_c, conf_u = confidence.load_split(os.path.join(workdir, "confidence"), train_ex)
     batches = batching.PairedBatches(train_ex, conf_c, conf_u, 16, 0, c.data.buckets)
     for step in range(batches.steps_per_epoch + 2):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from sftmix_jax import batching, data, synthetic
+from sftmix_jax.data import batching, sources, synthetic
 
 EOS = "<|end|>"
 
@@ -26,7 +26,7 @@ def write(path, rows):
 
 
 def config(source, **overrides):
-    cfg = data.default_config()
+    cfg = sources.default_config()
     cfg.source, cfg.eval_fraction = source, 0.0
     cfg.update(overrides)
     return cfg
@@ -51,7 +51,7 @@ GPTEACHER = [
 def test_alpaca_format_custom_answer_field(tok, tmp_path, template):
     cfg = config(write(tmp_path / "gpteacher.json", GPTEACHER), template=template)
     cfg.fields.output = "response"
-    train, held, stats = data.load_examples(cfg, tok, seed=0)
+    train, held, stats = sources.load_examples(cfg, tok, seed=0)
     assert (len(train), len(held), stats["bad"]) == (3, 0, {})
     for row, e in zip(GPTEACHER, train):
         assert masked_text(tok, e) == row["response"] + EOS
@@ -87,7 +87,7 @@ CHATS = [
 @pytest.mark.parametrize("template", ["chat", "alpaca"])
 def test_multi_turn_messages_mask_every_assistant_turn(tok, tmp_path, template):
     cfg = config(write(tmp_path / "chats.jsonl", CHATS), format="messages", template=template)
-    train, _, _ = data.load_examples(cfg, tok, seed=0)
+    train, _, _ = sources.load_examples(cfg, tok, seed=0)
     assert [e.id for e in train] == ["c1", "c2"]
     c1, c2 = train
     assert masked_text(tok, c1) == "4" + EOS + "6, of course." + EOS
@@ -111,7 +111,7 @@ def test_sharegpt_format(tok, tmp_path):
         {"from": "assistant", "value": "A2"}]},
         {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}]
     cfg = config(write(tmp_path / "share.json", rows), format="sharegpt")
-    train, _, _ = data.load_examples(cfg, tok, seed=0)
+    train, _, _ = sources.load_examples(cfg, tok, seed=0)
     assert [e.id for e in train] == ["0", "1"]  # No id field: row index in file order.
     assert masked_text(tok, train[0]) == "A1" + EOS + "A2" + EOS
     assert tok.decode(train[0].input_ids).startswith("<|bos|><|system|>Sys<|end|><|user|>Q1")
@@ -120,8 +120,8 @@ def test_sharegpt_format(tok, tmp_path):
 def test_ids_stable_across_loads(tok, tmp_path):
     cfg = config(write(tmp_path / "a.json", GPTEACHER * 4), eval_fraction=0.25)
     cfg.fields.output = "response"
-    first = data.load_examples(cfg, tok, seed=5)
-    second = data.load_examples(cfg, tok, seed=5)
+    first = sources.load_examples(cfg, tok, seed=5)
+    second = sources.load_examples(cfg, tok, seed=5)
     for a, b in zip(first[:2], second[:2]):
         assert [e.id for e in a] == [e.id for e in b]
         assert all(np.array_equal(x.input_ids, y.input_ids) for x, y in zip(a, b))
@@ -137,7 +137,7 @@ def test_template_breaking_prefix_property_raises(tok, tmp_path):
         "{% endif %}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
     cfg = config(write(tmp_path / "chats.jsonl", CHATS), format="messages")
     with pytest.raises(ValueError, match="prefix property"):
-        data.load_examples(cfg, broken, seed=0)
+        sources.load_examples(cfg, broken, seed=0)
 
 
 def test_parquet_source(tok, tmp_path):
@@ -145,18 +145,18 @@ def test_parquet_source(tok, tmp_path):
     import pyarrow as pa
     path = str(tmp_path / "chats.parquet")
     pq.write_table(pa.Table.from_pylist(CHATS), path)
-    train, _, _ = data.load_examples(config(path, format="messages"), tok, seed=0)
+    train, _, _ = sources.load_examples(config(path, format="messages"), tok, seed=0)
     assert [masked_text(tok, e) for e in train] == ["4" + EOS + "6, of course." + EOS,
                                                      "Hello!" + EOS]
 
 
 def test_mask_turns_and_token_boundary():
     # prompt_0, full_0, prompt_1, full_1 as token ids.
-    ids, mask, prompt_len = data.mask_turns([[1, 2], [1, 2, 3], [1, 2, 3, 4], [1, 2, 3, 4, 5, 6]])
+    ids, mask, prompt_len = sources.mask_turns([[1, 2], [1, 2, 3], [1, 2, 3, 4], [1, 2, 3, 4, 5, 6]])
     assert ids.tolist() == [1, 2, 3, 4, 5, 6] and mask.tolist() == [0, 0, 1, 0, 1, 1]
     assert prompt_len == 4
-    with pytest.raises(data.BadRow, match="token_boundary"):  # Response merged into prompt.
-        data.mask_turns([[1, 2], [1, 7]])
+    with pytest.raises(sources.BadRow, match="token_boundary"):  # Response merged into prompt.
+        sources.mask_turns([[1, 2], [1, 7]])
 
 
 def test_template_refusing_a_row_is_counted(tok, tmp_path):
@@ -168,7 +168,7 @@ def test_template_refusing_a_row_is_counted(tok, tmp_path):
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     cfg = config(write(tmp_path / "chats.jsonl", CHATS), format="messages",
                  max_bad_fraction=0.5)
-    train, _, stats = data.load_examples(cfg, no_system, seed=0)
+    train, _, stats = sources.load_examples(cfg, no_system, seed=0)
     assert stats["bad"] == {"template_error": 1} and stats["bad_ids"]["template_error"] == ["c1"]
     assert [e.id for e in train] == ["c2"]
 
@@ -184,17 +184,17 @@ def test_bad_rows_counted_and_raised(tok, tmp_path):
            {"id": "b-num", "instruction": "Q", "output": 5},
            {"id": "b-noinst", "output": "x"}]
     path = write(tmp_path / "bad.json", good + bad)
-    _, _, stats = data.load_examples(config(path, max_bad_fraction=0.5), tok, seed=0)
+    _, _, stats = sources.load_examples(config(path, max_bad_fraction=0.5), tok, seed=0)
     assert stats["bad"] == {"empty_response": 3, "missing_field:instruction": 1}
     assert stats["bad_ids"]["empty_response"] == ["b-null", "b-empty", "b-num"]
     assert stats["rows"] == 20 and stats["train"] == 16
     with pytest.raises(ValueError, match=r"4 of 20 rows.*empty_response.*b-null"):
-        data.load_examples(config(path, max_bad_fraction=0.05), tok, seed=0)
+        sources.load_examples(config(path, max_bad_fraction=0.05), tok, seed=0)
     # A wrong answer field name is named in the error.
     cfg = config(path)
     cfg.fields.output = "response"
     with pytest.raises(ValueError, match="missing_field:response"):
-        data.load_examples(cfg, tok, seed=0)
+        sources.load_examples(cfg, tok, seed=0)
 
 
 def test_bad_conversations(tok, tmp_path):
@@ -205,7 +205,7 @@ def test_bad_conversations(tok, tmp_path):
         {"messages": [{"role": "user", "content": "q"}]},
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]}]
     cfg = config(write(tmp_path / "bad.jsonl", rows), format="messages", max_bad_fraction=0.5)
-    train, _, stats = data.load_examples(cfg, tok, seed=0)
+    train, _, stats = sources.load_examples(cfg, tok, seed=0)
     assert stats["bad"] == {"unknown_role": 1, "empty_conversation": 1,
                             "no_assistant_turn": 1, "empty_response": 1}
     assert stats["bad_ids"]["unknown_role"] == ["6"] and len(train) == 6
@@ -214,7 +214,7 @@ def test_bad_conversations(tok, tmp_path):
 def test_duplicate_ids_raise(tok, tmp_path):
     rows = [{"id": "same", "instruction": "q", "output": "a"}] * 2
     with pytest.raises(ValueError, match="same"):
-        data.load_examples(config(write(tmp_path / "d.json", rows)), tok, seed=0)
+        sources.load_examples(config(write(tmp_path / "d.json", rows)), tok, seed=0)
 
 
 def test_truncate_vs_drop(tok, tmp_path):
@@ -222,13 +222,13 @@ def test_truncate_vs_drop(tok, tmp_path):
             {"id": "long-answer", "instruction": "q", "output": "a" * 100},
             {"id": "long-prompt", "instruction": "q" * 100, "output": "a"}]
     path = write(tmp_path / "len.json", rows)
-    train, _, stats = data.load_examples(config(path, max_length=40), tok, seed=0)
+    train, _, stats = sources.load_examples(config(path, max_length=40), tok, seed=0)
     assert [e.id for e in train] == ["short", "long-answer"]
     assert (stats["truncated"], stats["dropped_too_long"]) == (1, 1)
     cut = train[1]
     assert len(cut.input_ids) == len(cut.loss_mask) == 40 and cut.loss_mask[-1] == 1
     assert cut.answer == "a" * 100
-    train, _, stats = data.load_examples(config(path, max_length=40, overflow="drop"), tok, 0)
+    train, _, stats = sources.load_examples(config(path, max_length=40, overflow="drop"), tok, 0)
     assert [e.id for e in train] == ["short"]
     assert (stats["truncated"], stats["dropped_too_long"]) == (0, 2)
 
@@ -236,9 +236,9 @@ def test_truncate_vs_drop(tok, tmp_path):
 def test_held_out_split_deterministic_and_disjoint(tok, tmp_path):
     rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(50)]
     cfg = config(write(tmp_path / "s.json", rows), eval_fraction=0.2)
-    train, held, stats = data.load_examples(cfg, tok, seed=1)
-    train2, held2, _ = data.load_examples(cfg, tok, seed=1)
-    _, held3, _ = data.load_examples(cfg, tok, seed=2)
+    train, held, stats = sources.load_examples(cfg, tok, seed=1)
+    train2, held2, _ = sources.load_examples(cfg, tok, seed=1)
+    _, held3, _ = sources.load_examples(cfg, tok, seed=2)
     ids = lambda xs: [e.id for e in xs]
     assert (len(train), len(held), stats["train"], stats["held_out"]) == (40, 10, 40, 10)
     assert ids(train) == ids(train2) and ids(held) == ids(held2)
@@ -247,7 +247,7 @@ def test_held_out_split_deterministic_and_disjoint(tok, tmp_path):
     assert ids(held) != ids(held3)
     assert ids(train) == sorted(ids(train), key=int)  # File order kept.
     cfg.num_examples = 20  # The first 20 rows in file order.
-    train, held, _ = data.load_examples(cfg, tok, seed=1)
+    train, held, _ = sources.load_examples(cfg, tok, seed=1)
     assert sorted(int(i) for i in ids(train) + ids(held)) == list(range(20)) and len(held) == 4
 
 
@@ -255,14 +255,14 @@ def test_eval_source(tok, tmp_path):
     rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)]
     cfg = config(write(tmp_path / "t.json", rows),
                  eval_source=write(tmp_path / "e.jsonl", rows[:3]), eval_fraction=0.5)
-    train, held, stats = data.load_examples(cfg, tok, seed=0)
+    train, held, stats = sources.load_examples(cfg, tok, seed=0)
     assert (len(train), len(held), stats["rows"]) == (10, 3, 13)
 
 
 def test_synthetic_source(tok):
-    cfg = data.default_config()
+    cfg = sources.default_config()
     cfg.synthetic.update(num_train=60, num_eval=12, seed=0)
-    train, held, stats = data.load_examples(cfg, tok, seed=0)
+    train, held, stats = sources.load_examples(cfg, tok, seed=0)
     assert (len(train), len(held)) == (60, 12)
     assert {e.task for e in held} == set(synthetic.TASKS)
     assert not {e.id for e in train} & {e.id for e in held}
@@ -281,7 +281,7 @@ def toy_examples(n=40, seed=0):
         length = int(rng.integers(4, 150))
         mask = np.zeros(length, np.int8)
         mask[int(rng.integers(1, length)):] = 1
-        out.append(data.Example(id=str(i), input_ids=rng.integers(0, 256, length).astype(np.int32),
+        out.append(sources.Example(id=str(i), input_ids=rng.integers(0, 256, length).astype(np.int32),
                                 loss_mask=mask, prompt_ids=np.zeros(1, np.int32), answer=""))
     return out
 

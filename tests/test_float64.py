@@ -10,8 +10,9 @@ import pytest
 from flax import nnx
 
 from conftest import mesh_of, tiny_config
-from sftmix_jax import batching, data, hf, main, sharding, synthetic, train
-from sftmix_jax.model import causal_attention, float64_attention
+from sftmix_jax import hf, main, sharding, train
+from sftmix_jax.data import batching, sources, synthetic
+from sftmix_jax.ops.attention import causal_attention, float64_attention
 
 F64 = {"model.dtype": "float64", "model.param_dtype": "float64"}
 FAST = {**F64, "model.init.num_layers": 1}  # fewer layers, faster compiles
@@ -21,7 +22,7 @@ SHARDED = (1, 4, 2)  # (data, fsdp, tensor): parameters, heads and vocabulary al
 @pytest.fixture(scope="module")
 def setup():
     c = tiny_config(**FAST)
-    train_ex, _, _ = data.load_examples(c.data, synthetic.make_tokenizer(), c.seed)
+    train_ex, _, _ = sources.load_examples(c.data, synthetic.make_tokenizer(), c.seed)
     half = len(train_ex) // 2
     paired = batching.PairedBatches(train_ex, range(half), range(half, 2 * half), 16, 0, c.data.buckets)
     return c, paired

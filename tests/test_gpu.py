@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sftmix_jax.model import ModelConfig, causal_attention, init_model
+from sftmix_jax.model.llama import ModelConfig, init_model
+from sftmix_jax.ops.attention import causal_attention
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (JAX_PLATFORMS=cuda)")
 

@@ -9,8 +9,9 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from sftmix_jax import hf, lora, main, sharding, train
-from sftmix_jax.model import ModelConfig, init_model
+from sftmix_jax import hf, main, sharding, train
+from sftmix_jax.model import lora
+from sftmix_jax.model.llama import ModelConfig, init_model
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, tie_embeddings=True)

@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sftmix_jax import head_loss, losses
-from sftmix_jax.head_loss import LinearHead
+from sftmix_jax import losses
+from sftmix_jax.ops import fused_head
+from sftmix_jax.ops.fused_head import LinearHead
 
 D, V = 8, 13
 
@@ -267,7 +268,7 @@ def test_sample_lambda():
     assert draws.min() >= 0.0 and draws.max() <= 1.0
 
 
-# ---------------------------------------------------------------- fused head (head_loss.py)
+# ---------------------------------------------------------------- fused head (fused_head.py)
 def linear_head(W, vd):
     """The head x @ W as a LinearHead holding W as [V, D] (a tied embedding) or [D, V]."""
     w = jnp.asarray(W.T if vd else W)
@@ -309,11 +310,11 @@ def test_fused_head_losses_match_numpy_and_the_differentiated_head(vd, chunk):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
-@pytest.mark.parametrize("min_logits", [head_loss.MIN_CHUNK_LOGITS, 0])  # one chunk / 3 candidate lengths
+@pytest.mark.parametrize("min_logits", [fused_head.MIN_CHUNK_LOGITS, 0])  # one chunk / 3 candidate lengths
 def test_fused_head_skips_a_frozen_weight_gradient(monkeypatch, min_logits):
     """Differentiating h only (LoRA's frozen head): two matmuls (logits, dh) per candidate chunk
     length, no dW; same dh."""
-    monkeypatch.setattr(head_loss, "MIN_CHUNK_LOGITS", min_logits)
+    monkeypatch.setattr(fused_head, "MIN_CHUNK_LOGITS", min_logits)
     h, W, t, w = make_batch(14, SPECS, L)
     args = (jnp.asarray(t), jnp.asarray(w))
     fused = jax.jit(jax.grad(lambda h: losses.ntp_loss(h, linear_head(W, True), *args)[0]))
@@ -330,8 +331,8 @@ def test_fused_head_skips_positions_past_the_responses(monkeypatch, specs, cost)
     """Only the head chunks holding response tokens run (NTP: each batch shard's tokens flattened,
     responses first; SFTMix: positions up to the longest response). Whichever chunk length is
     chosen, and with no response token at all, losses and gradients match the plain head."""
-    monkeypatch.setattr(head_loss, "chunk_cost", lambda: cost)
-    monkeypatch.setattr(head_loss, "MIN_CHUNK_LOGITS", 0)  # every candidate chunk length, however short
+    monkeypatch.setattr(fused_head, "chunk_cost", lambda: cost)
+    monkeypatch.setattr(fused_head, "MIN_CHUNK_LOGITS", 0)  # every candidate chunk length, however short
     h, W, t, w = make_batch(16, specs, L)
     t_, w_ = jnp.asarray(t), jnp.asarray(w)
 
@@ -353,8 +354,8 @@ def test_fused_head_skips_positions_past_the_responses(monkeypatch, specs, cost)
 @pytest.mark.parametrize("cost", [0, 10**9])
 def test_response_nll_per_row_matches_numpy(monkeypatch, cost):
     """The replay / held-out forward: each row's summed response NLL, the head on response tokens only."""
-    monkeypatch.setattr(head_loss, "chunk_cost", lambda: cost)
-    monkeypatch.setattr(head_loss, "MIN_CHUNK_LOGITS", 0)
+    monkeypatch.setattr(fused_head, "chunk_cost", lambda: cost)
+    monkeypatch.setattr(fused_head, "MIN_CHUNK_LOGITS", 0)
     h, W, t, w = make_batch(17, SPECS, L)
     h[7] = np.nan  # a row without responses (padding) stays 0, not NaN
     got = jax.jit(lambda h: losses.response_nll(h, linear_head(W, True), jnp.asarray(t), jnp.asarray(w)))(jnp.asarray(h))
@@ -364,7 +365,7 @@ def test_response_nll_per_row_matches_numpy(monkeypatch, cost):
 
 def test_chunk_choice_counts_logits_and_chunks():
     """The chunk length computing fewest logits plus a fixed cost per chunk, among T/1..T/8."""
-    sizes = lambda T, rows=1, chunk=None, skipping=True: head_loss.chunk_sizes(T, chunk, skipping, rows, 8192)  # noqa: E731
+    sizes = lambda T, rows=1, chunk=None, skipping=True: fused_head.chunk_sizes(T, chunk, skipping, rows, 8192)  # noqa: E731
     assert sizes(2048) == [1024, 512, 256]
     assert sizes(2048, skipping=False) == [2048]
     assert sizes(20, chunk=7) == [7]
@@ -372,7 +373,7 @@ def test_chunk_choice_counts_logits_and_chunks():
     assert sizes(256, rows=1) == [256]  # chunks of fewer than 2^21 logits: not worth their own pass
     assert sizes(512, rows=1) == [256]
     pick = lambda active, T, rows=1: sizes(T, rows)[  # noqa: E731
-        int(head_loss.pick_chunk(jnp.asarray(active), sizes(T, rows), rows, cost=32))]
+        int(fused_head.pick_chunk(jnp.asarray(active), sizes(T, rows), rows, cost=32))]
     assert pick(1153, 2048) == 256  # 5 x 256 = 1280 logits: the small bench shape's NTP batch
     assert pick(511, 1024) == 512  # one chunk of 512 rather than two of 256 (SmolLM2's batch)
     assert pick(2048, 2048) == 1024
@@ -387,7 +388,7 @@ def test_ce_sum_gradient_is_softmax_minus_onehots():
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     expected = p * (w1 + w2)[:, None] - w1[:, None] * np.eye(V)[t1] - w2[:, None] * np.eye(V)[t2]
-    value, g = jax.value_and_grad(head_loss.ce_sum)(jnp.asarray(logits, jnp.float32), (jnp.asarray(t1), jnp.asarray(t2)),
+    value, g = jax.value_and_grad(fused_head.ce_sum)(jnp.asarray(logits, jnp.float32), (jnp.asarray(t1), jnp.asarray(t2)),
                                                     (jnp.asarray(w1, jnp.float32), jnp.asarray(w2, jnp.float32)))
     ref = sum(wi[r] * np_ce(logits[r], ti[r]) for ti, wi in ((t1, w1), (t2, w2)) for r in range(6))
     np.testing.assert_allclose(float(value), ref, rtol=1e-5)

@@ -12,7 +12,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from conftest import tiny_config  # noqa: E402
-from sftmix_jax import evaluate, hf, main, multiple_choice as mc, sharding  # noqa: E402
+from sftmix_jax import hf, main, sharding  # noqa: E402
+from sftmix_jax.stages import evaluate
+from sftmix_jax.stages import multiple_choice as mc
 
 # The answer in every form the loader takes: a 0-based index, a letter, the option's text.
 QUESTIONS = [
@@ -228,7 +230,7 @@ def test_smollm2_boundary_merge_tokenized_apart(smollm2_dir):
 def test_evaluate_stage_other_set(tiny_llama, tmp_path):
     """evaluate.other: perplexity on a second file. Given the held-out rows themselves it must equal
     the held-out numbers; per-example rows go to evaluate/other_<stage>.jsonl."""
-    from sftmix_jax import synthetic
+    from sftmix_jax.data import synthetic
 
     _, path = tiny_llama
     workdir = tmp_path / "run"

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from sftmix_jax import hf  # noqa: E402
-from sftmix_jax.model import init_model  # noqa: E402
+from sftmix_jax.model.llama import init_model  # noqa: E402
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
@@ -172,7 +172,7 @@ def test_not_a_model_dir(tmp_path):
 def test_causal_attention_matches_dot_product_attention(L, N, K):
     """The blockwise causal path (training) against jax.nn.dot_product_attention, with gradients;
     L=200 leaves a partial last block."""
-    from sftmix_jax.model import causal_attention
+    from sftmix_jax.ops.attention import causal_attention
 
     q, k, v = (jax.random.normal(jax.random.key(i), (2, L, n, 16)) for i, n in enumerate((N, K, K)))
     ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=0.25)  # noqa: E731
@@ -188,7 +188,7 @@ def test_causal_attention_matches_dot_product_attention(L, N, K):
 def test_cpu_einsum_gradients_match_autodiff(eq, x_shape, w_shape):
     """Dense's CPU einsum (dW from an explicit x^T) against autodiff of jnp.einsum, in float64;
     a frozen kernel (LoRA) costs two dots (forward, dx), no dW."""
-    from sftmix_jax.model import cpu_einsum
+    from sftmix_jax.ops.cpu import cpu_einsum
 
     with jax.enable_x64():
         x, w = (jax.random.normal(jax.random.key(i), s, jnp.float64) for i, s in enumerate((x_shape, w_shape)))
@@ -207,7 +207,8 @@ def test_attention_switch_gives_the_same_model():
     loss and gradients; 'auto' is the blocked path on CPU and cuDNN only on GPU in 16 bits."""
     from flax import nnx
 
-    from sftmix_jax.model import ModelConfig, attention_impl
+    from sftmix_jax.model.llama import ModelConfig
+    from sftmix_jax.ops.attention import attention_impl
 
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=8)

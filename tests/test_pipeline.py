@@ -134,11 +134,12 @@ def test_sigterm_saves_exits_nonzero_and_resumes(tmp_path, straight):
 
 
 def test_exported_model_generates_like_transformers(workdir):
-    """The pipeline's HF export in transformers: the same greedy tokens as sftmix_jax.generate,
-    prompts from the chat template exactly as `python -m sftmix_jax.generate` builds them."""
+    """The pipeline's HF export in transformers: the same greedy tokens as sftmix_jax.cli.generate,
+    prompts from the chat template exactly as `python -m sftmix_jax.cli.generate` builds them."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from sftmix_jax import generate, hf
+    from sftmix_jax import hf
+    from sftmix_jax.cli import generate
 
     path = os.path.join(workdir, "sftmix", "hf")
     tok = transformers.AutoTokenizer.from_pretrained(path)
@@ -155,7 +156,8 @@ def test_exported_model_generates_like_transformers(workdir):
 
 
 def test_generate_cli_prints_the_answer(workdir, capsys):
-    from sftmix_jax import generate, hf
+    from sftmix_jax import hf
+    from sftmix_jax.cli import generate
 
     path = os.path.join(workdir, "sftmix", "hf")
     generate.main(["--model", path, "--prompt", "Sort the digits: 3141", "--max_new_tokens", "8"])

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 from conftest import ROOT, tiny_config
 
-from sftmix_jax import pretrain, synthetic
+from sftmix_jax.stages import pretrain
+from sftmix_jax.data import synthetic
 
 # configs/tiny.py cut down: a few steps of everything, the base pre-trained in the test's cache.
 CUT = dict(pretrain=dict(docs=256, heldout_docs=32, steps=12, batch_size=16),

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from sftmix_jax import report
+from sftmix_jax.stages import report
 
 RESULTS = {
     "NTP reference": {"loss": 0.62, "perplexity": 1.86, "tokens": 1009.0, "exact_match": {"all": 0.475, "add": 0.05},
@@ -44,7 +44,7 @@ def is_png(path):
 
 
 def test_cli_rebuilds_summary_and_curves(workdir):
-    out = subprocess.run([sys.executable, "-m", "sftmix_jax.report", "--workdir", str(workdir)],
+    out = subprocess.run([sys.executable, "-m", "sftmix_jax.stages.report", "--workdir", str(workdir)],
                          capture_output=True, text=True, check=True)
     assert str(workdir / "summary.md") in out.stdout
     assert is_png(workdir / "loss_curves.png")

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from sftmix_jax import data, select, synthetic
+from sftmix_jax.data import sources
+from sftmix_jax.cli import select
+from sftmix_jax.data import synthetic
 
 # Ids: the row's own `id`, else its index in file order (row 2 has none: id "2").
 ROWS = [{"id": "a", "instruction": "qa", "output": "1"}, {"id": "b", "instruction": "qb", "output": "2"},
@@ -25,7 +27,7 @@ def read_jsonl(path):
 
 
 def make_workdir(tmp_path, scores=SCORES, **data_overrides):
-    cfg = data.default_config()
+    cfg = sources.default_config()
     cfg.source = str(tmp_path / "source.jsonl")
     cfg.update(data_overrides)
     write_jsonl(tmp_path / "source.jsonl", ROWS)

@@ -9,9 +9,14 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from conftest import mesh_of, tiny_config
-from sftmix_jax import batching, confidence, data, head_loss, hf, losses, sharding, synthetic, train
-from sftmix_jax.head_loss import LinearHead
-from sftmix_jax.model import abstract_model
+from sftmix_jax import hf, losses, sharding, train
+from sftmix_jax.data import batching
+from sftmix_jax.stages import confidence
+from sftmix_jax.data import sources
+from sftmix_jax.ops import fused_head
+from sftmix_jax.data import synthetic
+from sftmix_jax.ops.fused_head import LinearHead
+from sftmix_jax.model.llama import abstract_model
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
 
@@ -19,7 +24,7 @@ MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
 @pytest.fixture(scope="module")
 def setup():
     c = tiny_config()
-    train_ex, _, _ = data.load_examples(c.data, synthetic.make_tokenizer(), c.seed)
+    train_ex, _, _ = sources.load_examples(c.data, synthetic.make_tokenizer(), c.seed)
     half = len(train_ex) // 2
     return c, batching.TrainBatches(train_ex, 16, 0, c.data.buckets), batching.PairedBatches(
         train_ex, range(half), range(half, 2 * half), 16, 0, c.data.buckets)
@@ -57,8 +62,8 @@ def test_head_on_response_tokens_only_matches_one_device(monkeypatch):
     """The fused head run on each batch shard's response tokens only, in the shortest chunks (so
     the chunk loops run), batch- and vocabulary-sharded: NTP + SFTMix loss and gradients equal
     the single-device ones."""
-    monkeypatch.setattr(head_loss, "chunk_cost", lambda: 0)
-    monkeypatch.setattr(head_loss, "MIN_CHUNK_LOGITS", 0)
+    monkeypatch.setattr(fused_head, "chunk_cost", lambda: 0)
+    monkeypatch.setattr(fused_head, "MIN_CHUNK_LOGITS", 0)
     rng = np.random.default_rng(0)
     B, L, D, V = 8, 24, 16, 32
     h, W = rng.normal(size=(B, L, D)).astype(np.float32), rng.normal(size=(D, V)).astype(np.float32)
@@ -114,7 +119,7 @@ def test_parameters_are_sharded_as_the_rules_say(setup):
 def test_checkpoint_restores_on_another_mesh_and_replays_the_same(workdir, tmp_path):
     """The pipeline fixture trained on 8 devices (data=8); replay here on 4 devices as (1, 2, 2)."""
     c = tiny_config()
-    train_ex, _, _ = data.load_examples(c.data, synthetic.make_tokenizer(), c.seed)
+    train_ex, _, _ = sources.load_examples(c.data, synthetic.make_tokenizer(), c.seed)
     steps = json.load(open(os.path.join(workdir, "reference", "done.json")))["replay_steps"]
     with jax.set_mesh(mesh_of((1, 2, 2))):
         perp = confidence.replay(os.path.join(workdir, "reference", "checkpoints"), steps, train_ex,
@@ -140,7 +145,7 @@ def test_splash_attention_matches_blocked_on_one_device_and_on_meshes():
     split the batch (data, fsdp) and the heads (tensor)."""
     import dataclasses
 
-    from sftmix_jax.model import ModelConfig, init_model
+    from sftmix_jax.model.llama import ModelConfig, init_model
 
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
                       num_kv_heads=2, head_dim=8)

@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from flax import nnx  # noqa: E402
 
 from sftmix_jax import hf  # noqa: E402
-from sftmix_jax.generate import generate  # noqa: E402
+from sftmix_jax.model.decode import generate  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import collections
 import pytest
 import transformers
 
-from sftmix_jax import synthetic
+from sftmix_jax.data import synthetic
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The measuring tools run end to end: the benchmark and the divergence probe (tiny shapes)."""
+"""The measuring tools (tools/, not in the wheel) run end to end: the benchmark and the divergence probe (tiny shapes)."""
 import json
 import os
 import re
@@ -8,9 +8,9 @@ import sys
 from conftest import ROOT
 
 
-def run_module(*args, devices=1):
+def run_tool(name, *args, devices=1):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name + ".py"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
@@ -18,7 +18,7 @@ def run_module(*args, devices=1):
 
 def test_bench_reports_every_step_kind_and_ratio(tmp_path):
     path = tmp_path / "bench.json"
-    run_module("sftmix_jax.bench", "--shape", "tiny", "--steps", "1", "--rounds", "1", "--json", str(path),
+    run_tool("bench", "--shape", "tiny", "--steps", "1", "--rounds", "1", "--json", str(path),
                "--kinds", "ntp,sftmix,replay,head,head_fused")
     res = json.loads(path.read_text())
     for kind in ("ntp", "sftmix", "replay", "head", "head_fused"):
@@ -28,7 +28,7 @@ def test_bench_reports_every_step_kind_and_ratio(tmp_path):
 
 
 def test_divergence_of_a_sharded_run_starts_at_rounding_level():
-    out = run_module("sftmix_jax.divergence", "--config", "configs/tiny.py", "--mesh", "1,2,2", "--steps", "6",
+    out = run_tool("divergence", "--config", "configs/tiny.py", "--mesh", "1,2,2", "--steps", "6",
                      "--every", "3", "--config.model.source=init", "--config.train.lr=3e-3", "--config.train.batch_size=8", "--config.data.synthetic.num_train=64",
                      "--config.data.synthetic.num_eval=8", devices=4)
     rows = re.findall(r"\|dloss\| (\S+)\s+\|\|A-B\|\|/\|\|A\|\| (\S+)", out)

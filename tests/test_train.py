@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from sftmix_jax import train
-from sftmix_jax.model import ModelConfig, init_model
+from sftmix_jax.model.llama import ModelConfig, init_model
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8)

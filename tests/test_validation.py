@@ -74,14 +74,14 @@ def test_reference_checkpoints_gone(tmp_path):
 
 
 def test_max_length_shorter_than_the_prompt_template():
-    from sftmix_jax import data, synthetic
+    from sftmix_jax.data import sources, synthetic
 
     c = tiny_config(**{"data.max_length": 6})
     with pytest.raises(ValueError, match=r"config.data.max_length=6 is too short: the 'chat' template alone takes \d+ tokens"):
-        data.load_examples(c.data, synthetic.make_tokenizer(), 0)
+        sources.load_examples(c.data, synthetic.make_tokenizer(), 0)
     c = tiny_config(**{"data.max_length": 40, "data.template": "alpaca"})
     with pytest.raises(ValueError, match=r"max_length=40 is too short: the 'alpaca' template"):
-        data.load_examples(c.data, synthetic.make_tokenizer(), 0)
+        sources.load_examples(c.data, synthetic.make_tokenizer(), 0)
 
 
 def test_workdir_accepts_changed_evaluate_keys_and_records_them(tmp_path):

@@ -29,14 +29,15 @@ def main():
         f.writelines(json.dumps(r) + "\n" for r in rows)
     del rows
 
-    from sftmix_jax import data, hf
+    from sftmix_jax import hf
+    from sftmix_jax.data import sources
 
     tok = hf.load_tokenizer(os.path.expanduser(a.tokenizer))
-    cfg = data.default_config()
+    cfg = sources.default_config()
     cfg.source, cfg.template, cfg.max_length, cfg.eval_fraction = f.name, a.template, a.max_length, 0.0
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
-    train, held, stats = data.load_examples(cfg, tok, seed=0)
+    train, held, stats = sources.load_examples(cfg, tok, seed=0)
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     own = sum(e.input_ids.nbytes + e.loss_mask.nbytes + e.prompt_ids.nbytes + len(e.answer) for e in train)

@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from sftmix_jax import synthetic
+from sftmix_jax.data import synthetic
 
 
 def default_config() -> ml_collections.ConfigDict:

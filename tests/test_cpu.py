@@ -1,4 +1,4 @@
-"""XLA:CPU settings (xla_cpu.py): accurate float32 matmuls where the entry points ask for them (never on
+"""XLA:CPU settings (cpu.py): accurate float32 matmuls where the entry points ask for them (never on
 import), YNNPACK in the hot steps."""
 import os
 
@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sftmix_jax import xla_cpu
+from sftmix_jax.ops import cpu
 
 
 def relative_error(fn):
@@ -19,7 +19,7 @@ def relative_error(fn):
 
 def test_default_matmuls_are_as_accurate_as_eigen():
     # conftest asked for them before the backend started, as the command-line entry points do.
-    assert f"--{xla_cpu.YNN_FLAG}=" in os.environ["XLA_FLAGS"].split()
+    assert f"--{cpu.YNN_FLAG}=" in os.environ["XLA_FLAGS"].split()
     f = jax.jit(lambda a, b: a @ b)
     assert "ynn" not in f.lower(jnp.ones((8, 8)), jnp.ones((8, 8))).compile().as_text()
     # YNNPACK: 1.55e-6 here; Eigen: 3.1e-7; numpy's float32 BLAS: 5.6e-7
@@ -27,8 +27,8 @@ def test_default_matmuls_are_as_accurate_as_eigen():
 
 
 def test_hot_steps_compile_with_ynnpack():
-    train, forward = xla_cpu.compiler_options("train"), xla_cpu.compiler_options("forward")
-    assert (train, forward) == (xla_cpu.OPTIONS["train"], xla_cpu.OPTIONS["forward"])
+    train, forward = cpu.compiler_options("train"), cpu.compiler_options("forward")
+    assert (train, forward) == (cpu.OPTIONS["train"], cpu.OPTIONS["forward"])
     for opts in (train, forward):
         f = jax.jit(lambda a, b: jnp.tanh(a @ b), compiler_options=opts)
         assert "ynn" in f.lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile().as_text()
@@ -40,14 +40,14 @@ def test_child_processes_treat_the_packages_flag_as_not_the_users():
     import subprocess
     import sys
 
-    code = ("from sftmix_jax import xla_cpu; import os; xla_cpu.prefer_accurate_matmuls(); "
-            "print(xla_cpu._user_choice(), os.environ['XLA_FLAGS'].count('ynn'))")
+    code = ("from sftmix_jax.ops import cpu; import os; cpu.prefer_accurate_matmuls(); "
+            "print(cpu._user_choice(), os.environ['XLA_FLAGS'].count('ynn'))")
     run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,  # noqa: E731
                                      text=True, check=True).stdout.split()[-2:]
     assert run(dict(os.environ)) == ["False", "1"]  # inherited: recognised, not added twice
-    users = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace(f"--{xla_cpu.YNN_FLAG}=", f"--{xla_cpu.YNN_FLAG}=X"))
+    users = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace(f"--{cpu.YNN_FLAG}=", f"--{cpu.YNN_FLAG}=X"))
     assert run(users) == ["True", "1"]  # the user's own setting
-    assert run({k: v for k, v in os.environ.items() if k != xla_cpu.ADDED_VAR}) == ["True", "1"]  # unmarked: the user's
+    assert run({k: v for k, v in os.environ.items() if k != cpu.ADDED_VAR}) == ["True", "1"]  # unmarked: the user's
 
 
 def test_importing_the_package_changes_no_environment_variable():
@@ -55,10 +55,10 @@ def test_importing_the_package_changes_no_environment_variable():
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != xla_cpu.ADDED_VAR}
-    env["XLA_FLAGS"] = env["XLA_FLAGS"].replace(f"--{xla_cpu.YNN_FLAG}=", "").strip()
-    code = ("import os; e = dict(os.environ); import sftmix_jax, sftmix_jax.hf, sftmix_jax.model, sftmix_jax.main, "
-            "sftmix_jax.train, sftmix_jax.evaluate, sftmix_jax.generate; assert dict(os.environ) == e, 'changed'")
+    env = {k: v for k, v in os.environ.items() if k != cpu.ADDED_VAR}
+    env["XLA_FLAGS"] = env["XLA_FLAGS"].replace(f"--{cpu.YNN_FLAG}=", "").strip()
+    code = ("import os; e = dict(os.environ); import sftmix_jax, sftmix_jax.hf, sftmix_jax.model.llama, sftmix_jax.main, "
+            "sftmix_jax.train, sftmix_jax.evaluate, sftmix_jax.cli.generate; assert dict(os.environ) == e, 'changed'")
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
 
@@ -67,7 +67,7 @@ def test_keep_freed_memory_respects_the_users_malloc_settings():
     import subprocess
     import sys
 
-    code = "from sftmix_jax import xla_cpu; print(xla_cpu.keep_freed_memory())"
+    code = "from sftmix_jax.ops import cpu; print(cpu.keep_freed_memory())"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,  # noqa: E731
                                      text=True, check=True).stdout.split()[-1]

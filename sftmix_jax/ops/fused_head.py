@@ -5,7 +5,7 @@ a function of that position's logits. So while a chunk's logits [B, c, V] are at
 forward pass can also form d loss / d logits, then this chunk's dh = d @ W^T and its share of
 dW, and drop the logits; the backward pass only scales (dh, dW) by the incoming cotangent. No
 [B, L, V] logits, probabilities or transposed copies of them stay live for the backward pass and
-nothing is recomputed (`python -m sftmix_jax.bench --kinds head,head_fused` times head + NTP
+nothing is recomputed (`python tools/bench.py --kinds head,head_fused` times head + NTP
 loss, forward and backward, both ways). `chunk` bounds the live logits to
 [B, chunk, V]; each extra chunk costs one read-modify-write of the float32 [D, V] accumulator.
 

@@ -19,9 +19,10 @@ from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
-from sftmix_jax import losses, sharding, xla_cpu
-from sftmix_jax.batching import eval_batches
-from sftmix_jax.generate import generate
+from sftmix_jax import losses, sharding
+from sftmix_jax.ops import cpu
+from sftmix_jax.data.batching import eval_batches
+from sftmix_jax.model.decode import generate
 
 
 def nll_forward(graphdef, state, batch):
@@ -34,7 +35,7 @@ def nll_forward(graphdef, state, batch):
 
 @functools.cache
 def _jitted_nll_forward():  # built on first use: the compile options depend on the backend
-    return jax.jit(nll_forward, static_argnames=("graphdef",), compiler_options=xla_cpu.compiler_options("forward"))
+    return jax.jit(nll_forward, static_argnames=("graphdef",), compiler_options=cpu.compiler_options("forward"))
 
 
 def _example_nll(graphdef, state, batch):
@@ -93,7 +94,8 @@ def exact_match(model, tokenizer, examples, max_new_tokens, batch_size=32) -> di
 # Stage `evaluate`: NTP reference vs SFTMix on the same held-out set
 # ----------------------------------------------------------------------------------------
 def run(run) -> dict:
-    from sftmix_jax import hf, multihost, multiple_choice, report
+    from sftmix_jax import hf, multihost
+    from sftmix_jax.stages import multiple_choice, report
 
     c = run.config
     held_out = run.data[1]
@@ -107,9 +109,9 @@ def run(run) -> dict:
     other = c.evaluate.get("other") or {}  # absent from configs older than it
     other_set = None
     if other.get("source"):  # a set not trained on: how much of what the base knew survives
-        from sftmix_jax import data
+        from sftmix_jax.data import sources
 
-        other_set = data.load_other(c.data, other.source, other.num_examples, run.tokenizer)
+        other_set = sources.load_other(c.data, other.source, other.num_examples, run.tokenizer)
     results = {}
     for stage, label in (("reference", "NTP reference"), ("sftmix", "SFTMix")):
         path = os.path.join(run.stage_dir(stage), "hf")

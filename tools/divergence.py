@@ -1,8 +1,8 @@
 """How fast two runs of the same config drift apart: mesh noise vs chaotic training.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m sftmix_jax.divergence \\
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tools/divergence.py \\
         --config configs/tiny.py --mesh 1,4,2 --steps 400
-    python -m sftmix_jax.divergence --config configs/tiny.py --perturb 1e-6 --steps 400
+    python tools/divergence.py --config configs/tiny.py --perturb 1e-6 --steps 400
 
 Trains the reference stage's NTP loss twice from the same initial weights on the same batches:
 run A on one device, run B on `--mesh` (data,fsdp,tensor; default one device too) with its
@@ -10,7 +10,7 @@ initial weights multiplied by (1 + perturb * N(0, 1)). Every `--every` steps it 
 losses and the relative distance of the parameters, ||A - B|| / ||A||. A sharded reduction
 sums in another order than one device (float32 rounding, ~1e-7 relative per step); whether
 that stays at 1e-7 or grows to O(1) is a property of the training run, not of the sharding.
-Not a test: a measuring tool, like sftmix_jax.bench.
+Not a test: a measuring tool, like tools/bench.py.
 """
 import time
 
@@ -22,7 +22,10 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from sftmix_jax import batching, data, hf, pretrain, sharding, train, xla_cpu
+from sftmix_jax import hf, sharding, train
+from sftmix_jax.data import batching, sources
+from sftmix_jax.stages import pretrain
+from sftmix_jax.ops import cpu
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py[:ARG]).")
 _MESH = flags.DEFINE_string("mesh", "1,1,1", "Run B's mesh as data,fsdp,tensor (run A: one device).")
@@ -51,7 +54,7 @@ def make_run(c, mesh, total, perturb):
 
 def main(argv):
     del argv
-    xla_cpu.prefer_accurate_matmuls()  # before JAX starts its backend: as sftmix_jax.main computes
+    cpu.prefer_accurate_matmuls()  # before JAX starts its backend: as sftmix_jax.main computes
     c = _CONFIG.value
     d, f, t = (int(x) for x in _MESH.value.split(","))
     mesh_of = lambda d, f, t: sharding.make_mesh(  # noqa: E731 - over the first d*f*t devices
@@ -59,7 +62,7 @@ def main(argv):
     mesh_a, mesh_b = mesh_of(1, 1, 1), mesh_of(d, f, t)
     tokenizer = hf.load_tokenizer(c.tokenizer or c.model.source)
     c = pretrain.resolve(c, tokenizer, mesh_a, tokenizer.pad_token_id or 0)  # the tiny suite's cached base
-    train_ex, _, _ = data.load_examples(c.data, tokenizer, c.seed)
+    train_ex, _, _ = sources.load_examples(c.data, tokenizer, c.seed)
     batches = batching.TrainBatches(train_ex, c.train.batch_size, c.seed, c.data.buckets)
     total = train.total_steps(c.train, batches.steps_per_epoch)
     step_a, pa, oa = make_run(c, mesh_a, total, 0.0)

@@ -1,6 +1,6 @@
 """Chaos: kill the pipeline with SIGKILL at random moments, rerun, and compare with a clean run.
 
-    python -m sftmix_jax.chaos --kills 10 [--config configs/tiny.py] [--workdir /tmp/chaos]
+    python tools/chaos.py --kills 10 [--config configs/tiny.py] [--workdir /tmp/chaos]
 
 Runs the whole pipeline once uninterrupted, then again under fire: each attempt is killed
 after a random delay, or the moment a checkpoint write is seen in progress, until at least

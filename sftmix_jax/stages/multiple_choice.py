@@ -18,8 +18,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from sftmix_jax import data
-from sftmix_jax.evaluate import example_nll
+from sftmix_jax.data import sources
+from sftmix_jax.stages.evaluate import example_nll
 
 LETTERS = string.ascii_uppercase
 
@@ -127,13 +127,13 @@ def _answer(value, choices: list[str], keys) -> int:
 def _read_rows(cfg) -> list[dict]:
     source = cfg.source
     if source.lower().endswith((".json", ".jsonl", ".parquet")):
-        rows = data._read_rows(source, cfg.split)
+        rows = sources._read_rows(source, cfg.split)
     else:  # hub id[:split], with an optional subset (config name)
         import datasets
 
         name, split = source.rsplit(":", 1) if ":" in source and not os.path.exists(source) else (source, cfg.split)
         rows = datasets.load_dataset(name, cfg.subset or None, split=split).to_list()
-    bad = [r[data._INVALID] for r in rows if data._INVALID in r]
+    bad = [r[sources._INVALID] for r in rows if sources._INVALID in r]
     if bad:
         raise ValueError(f"{source}: lines {bad[:10]} are not valid JSON")
     return rows
@@ -164,7 +164,7 @@ def render(q: Question, tokenizer, template: str, lettered: bool) -> tuple[str, 
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
                                                add_generation_prompt=True)
     elif template == "alpaca":
-        prompt = data.render_alpaca([{"role": "user", "content": body}], tokenizer.eos_token, True)
+        prompt = sources.render_alpaca([{"role": "user", "content": body}], tokenizer.eos_token, True)
     elif template == "plain":
         prompt, answers = body + "\nAnswer:", [" " + a for a in answers]
     else:
@@ -191,7 +191,7 @@ def tokenize_options(tokenizer, prompt: str, answers: list[str], template: str):
     return prompt_ids, options, apart
 
 
-def option_examples(questions: list[Question], tokenizer, cfg) -> list[data.Example]:
+def option_examples(questions: list[Question], tokenizer, cfg) -> list[sources.Example]:
     """One Example per (question, option): prompt + option ids, loss mask on the option tokens."""
     if cfg.template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat_template: set config.evaluate.multiple_choice.template "
@@ -203,7 +203,7 @@ def option_examples(questions: list[Question], tokenizer, cfg) -> list[data.Exam
         apart += n
         for k, ids in enumerate(options):
             mask = np.r_[np.zeros(len(prompt_ids), np.int8), np.ones(len(ids), np.int8)]
-            examples.append(data.Example(id=f"{q.id}#{k}", input_ids=np.asarray(prompt_ids + ids, np.int32),
+            examples.append(sources.Example(id=f"{q.id}#{k}", input_ids=np.asarray(prompt_ids + ids, np.int32),
                                          loss_mask=mask, prompt_ids=np.asarray(prompt_ids, np.int32),
                                          answer=answers[k]))
     if apart:

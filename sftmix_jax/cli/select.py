@@ -1,6 +1,6 @@
 """Export the data selected by the confidence stage, as rows of the source data set.
 
-    python -m sftmix_jax.select --workdir DIR --out OUT_DIR [--top_k N | --fraction F] [--by confidence|variability]
+    python -m sftmix_jax.cli.select --workdir DIR --out OUT_DIR [--top_k N | --fraction F] [--by confidence|variability]
 
 Joins DIR/confidence/scores.jsonl to the rows of the run's data.source (read from
 DIR/config.json) by id: the row's data.fields.id value, else its index in file order, as in
@@ -18,7 +18,7 @@ import json
 import numpy as np
 from etils import epath
 
-from sftmix_jax import data, synthetic
+from sftmix_jax.data import sources, synthetic
 
 BY = ("confidence", "variability")
 
@@ -38,16 +38,16 @@ def source_rows(data_cfg: dict) -> dict[str, dict]:
     if source == "synthetic":  # generate(n) is a prefix of generate(m): the training rows
         s = data_cfg["synthetic"]
         rows = synthetic.generate(s["num_train"], s["seed"])
-        id_field = data.default_config().fields.id
+        id_field = sources.default_config().fields.id
     else:
         if source.lower().endswith((".json", ".jsonl", ".parquet")) and not epath.Path(source).exists():
             raise FileNotFoundError(f"data.source={source!r} (from config.json) does not exist here; a relative "
                                     "path is relative to the directory the run was started in")
-        rows = data._read_rows(source, data_cfg["split"])
+        rows = sources._read_rows(source, data_cfg["split"])
         if data_cfg["num_examples"]:
             rows = rows[: data_cfg["num_examples"]]
         id_field = data_cfg["fields"]["id"]
-    return dict(zip(data._row_ids(rows, id_field, source), rows))
+    return dict(zip(sources._row_ids(rows, id_field, source), rows))
 
 
 def select(workdir: str, out: str, top_k: int = 0, fraction: float = 0.0, by: str = "confidence") -> dict:
@@ -91,7 +91,7 @@ def select(workdir: str, out: str, top_k: int = 0, fraction: float = 0.0, by: st
 
 def main(argv=None) -> None:
     # argparse, not absl flags: absl's global registry already holds main.py's --workdir.
-    p = argparse.ArgumentParser(prog="python -m sftmix_jax.select", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m sftmix_jax.cli.select", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="a run directory holding confidence/scores.jsonl")
     p.add_argument("--out", required=True, help="output directory")
     k = p.add_mutually_exclusive_group()

@@ -11,7 +11,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sftmix_jax.model import Dense
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -40,6 +39,18 @@ def parse_targets(spec) -> tuple:
     return names
 
 
+def _is_dense(module) -> bool:  # llama.Dense (duck-typed: the model imports this module)
+    return hasattr(module, "lora_a") and hasattr(module, "num_in")
+
+
+def delta(dense, x):
+    """scale * B (A x) for an adapted Dense: x [batch.., in..] -> [batch.., r] -> [batch.., out..]."""
+    x_spec, k_spec = dense.eq.split("->")[0].split(",")
+    batch, k_in, k_out = x_spec[:-dense.num_in], k_spec[:dense.num_in], k_spec[dense.num_in:]
+    r_ = jnp.einsum(f"{x_spec},{k_in}R->{batch}R", x, dense.lora_a[...].astype(dense.dtype))
+    return dense.lora_scale * jnp.einsum(f"{batch}R,R{k_out}->{batch}{k_out}", r_, dense.lora_b[...].astype(dense.dtype))
+
+
 def add(model, rank: int, alpha: float, targets, seed: int = 0, mesh=None):
     """Attach adapters to the Dense layers whose attribute name is in `targets`; returns model."""
     from sftmix_jax import sharding
@@ -47,7 +58,7 @@ def add(model, rank: int, alpha: float, targets, seed: int = 0, mesh=None):
     targets = parse_targets(targets)
     key = jax.random.key(seed)
     for path, module in nnx.iter_modules(model):
-        if not (isinstance(module, Dense) and path and path[-1] in targets):
+        if not (_is_dense(module) and path and path[-1] in targets):
             continue
         kernel = module.kernel
         names = kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim
@@ -69,7 +80,7 @@ def add(model, rank: int, alpha: float, targets, seed: int = 0, mesh=None):
 
 
 def has_lora(model) -> bool:
-    return any(isinstance(m, Dense) and m.lora_a is not None for _, m in nnx.iter_modules(model))
+    return any(_is_dense(m) and m.lora_a is not None for _, m in nnx.iter_modules(model))
 
 
 def trainable(model):
@@ -86,7 +97,7 @@ def merged_kernel(kernel, a, b, scale):
 def merge(model):
     """Fold every adapter into its kernel in place and drop it: a plain model, same logits."""
     for _, module in nnx.iter_modules(model):
-        if isinstance(module, Dense) and module.lora_a is not None:
+        if _is_dense(module) and module.lora_a is not None:
             w = module.kernel[...]
             module.kernel[...] = jax.device_put(merged_kernel(w, module.lora_a[...], module.lora_b[...],
                                                               module.lora_scale), w.sharding)

@@ -1,6 +1,6 @@
 """Reports of a workdir: summary.md (NTP reference vs SFTMix) and loss_curves.png.
 
-    python -m sftmix_jax.report --workdir DIR
+    python -m sftmix_jax.stages.report --workdir DIR
 
 rebuilds both from DIR/summary.json and DIR/{reference,sftmix}/metrics.jsonl, without any
 model compute; the evaluate stage calls `write` with the summary it has just computed.

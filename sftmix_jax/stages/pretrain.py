@@ -55,8 +55,8 @@ def base_dir(c) -> str:
 
 def documents(c, tokenizer):
     """(train, held-out) Examples: BOS, then the lines; the loss is on each line's answer."""
-    from sftmix_jax import synthetic
-    from sftmix_jax.data import Example
+    from sftmix_jax.data import synthetic
+    from sftmix_jax.data.sources import Example
 
     s = c.data.synthetic
     exclude = {(r["instruction"], r["input"]) for r in synthetic.generate(excluded_rows(c), s.seed)}
@@ -122,7 +122,7 @@ def ensure(c, tokenizer, mesh, pad_id: int) -> str:
 
 def _pretrain(c, tokenizer, mesh, pad_id: int, d: str) -> None:
     from sftmix_jax import hf, multihost, train
-    from sftmix_jax.batching import TrainBatches
+    from sftmix_jax.data.batching import TrainBatches
 
     logging.info("pretrain: no cached base; pre-training one in %s (once for every seed and arm)", d)
     train_docs, held = documents(c, tokenizer)

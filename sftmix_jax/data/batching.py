@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from sftmix_jax.data import Example
+from sftmix_jax.data.sources import Example
 
 
 def pad_length(n: int, buckets: Sequence[int], fallback: int) -> int:

@@ -15,9 +15,10 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from sftmix_jax import hf, lora, multihost, sharding
-from sftmix_jax.evaluate import example_nll
-from sftmix_jax.model import abstract_model
+from sftmix_jax import hf, multihost, sharding
+from sftmix_jax.model import lora
+from sftmix_jax.stages.evaluate import example_nll
+from sftmix_jax.model.llama import abstract_model
 
 
 def reference_model_config(c):

@@ -25,6 +25,9 @@ import importlib.metadata
 import importlib.util
 import os
 
+import jax  # importing JAX starts no backend: XLA_FLAGS may still change until one starts
+import jax.numpy as jnp
+
 YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 OPTIONS = {  # per kind of jitted step (see the module docstring)
     "train": {YNN_FLAG: "LIBRARY_FUSION_TYPE_DOT"},
@@ -76,9 +79,6 @@ def compiler_options(kind: str) -> dict | None:
 
     Call after backend setup.
     """
-    import jax
-    import jax.numpy as jnp
-
     options = OPTIONS[kind]
     if _user_choice() or jax.default_backend() != "cpu":
         return None
@@ -100,8 +100,6 @@ def keep_freed_memory() -> bool:
     """
     import ctypes
 
-    import jax
-
     if any(k.startswith("MALLOC_") for k in os.environ) or jax.default_backend() != "cpu":
         return False
     try:
@@ -110,3 +108,39 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+def einsum(eq, x, w):
+    """Dense's einsum: `cpu_einsum` on the CPU backend (its weight gradient runs faster there); GPU
+    and TPU matmuls take transposed operands natively."""
+    return (cpu_einsum if jax.default_backend() == "cpu" else jnp.einsum)(eq, x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def cpu_einsum(eq, x, w):
+    """einsum(eq, x, w) whose weight gradient contracts an explicit transposed copy of x.
+
+    eq: "{batch}{in},{in}{out}->{batch}{out}" (Dense's form). Autodiff's dW = einsum(x, dy)
+    contracts x's leading (token) axes, a dot XLA:CPU leaves to Eigen's slower GEMM; with x^T
+    materialised first (an optimization barrier keeps XLA from folding the transpose back into
+    the dot) YNNPACK takes it, transpose included still faster (README, CPU figures). Dense uses
+    it on the CPU backend only: GPU and TPU matmuls take transposed operands natively.
+    """
+    return jnp.einsum(eq, x, w)
+
+
+def _cpu_einsum_fwd(eq, x, w):
+    return jnp.einsum(eq, x, w), (x, w)
+
+
+def _cpu_einsum_bwd(eq, res, dy):
+    x, w = res
+    x_spec, w_spec, y_spec = *eq.split("->")[0].split(","), eq.split("->")[1]
+    batch = [c for c in x_spec if c not in w_spec]
+    xt_spec = "".join([c for c in x_spec if c in w_spec] + batch)  # [in.., batch..]
+    xt = jax.lax.optimization_barrier(jnp.transpose(x, [x_spec.index(c) for c in xt_spec]))
+    # A frozen kernel's dW (LoRA) is unused, and dead-code elimination drops it with the transpose.
+    return jnp.einsum(f"{y_spec},{w_spec}->{x_spec}", dy, w), jnp.einsum(f"{xt_spec},{y_spec}->{w_spec}", xt, dy)
+
+
+cpu_einsum.defvjp(_cpu_einsum_fwd, _cpu_einsum_bwd)

@@ -1,9 +1,9 @@
 """Benchmark: SFTMix vs NTP train steps, replay, and the same steps in PyTorch + transformers.
 
-    python -m sftmix_jax.bench --shape tiny
-    python -m sftmix_jax.bench --shape smollm2 --batch 4 --seq 256 --torch --memory
-    python -m sftmix_jax.bench --shape small --torch --memory
-    python -m sftmix_jax.bench --shape llama1b --dtype bfloat16 --batch 4 --seq 2048   # one GPU
+    python tools/bench.py --shape tiny
+    python tools/bench.py --shape smollm2 --batch 4 --seq 256 --torch --memory
+    python tools/bench.py --shape small --torch --memory
+    python tools/bench.py --shape llama1b --dtype bfloat16 --batch 4 --seq 2048   # one GPU
 
 In one run: the jitted NTP and SFTMix steps (AdamW) on the same batch, the forward-only replay
 step, and with --torch the same two steps with transformers' LlamaForCausalLM and torch.optim
@@ -21,6 +21,7 @@ memory. Not a test.
 import argparse
 import dataclasses
 import json
+import os
 import time
 
 import jax
@@ -29,9 +30,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sftmix_jax import evaluate, hf, losses, train, xla_cpu
-from sftmix_jax.head_loss import LinearHead
-from sftmix_jax.model import ATTENTION, REMAT, ModelConfig, attention_impl, init_model
+from sftmix_jax import hf, losses, train
+from sftmix_jax.stages import evaluate
+from sftmix_jax.ops import cpu
+from sftmix_jax.ops.fused_head import LinearHead
+from sftmix_jax.ops.attention import ATTENTION, attention_impl
+from sftmix_jax.model.llama import REMAT, ModelConfig, init_model
 
 SHAPES = {
     # configs/tiny.py's model
@@ -206,7 +210,7 @@ def measure_peak(step, torch_kind: bool) -> dict:
 
 def head_loss_step(head: LinearHead, batch, fused: bool, chunk):
     """Head + NTP loss alone, forward and backward (d h, d W) on random hidden states: fused
-    (head_loss.py) or the head differentiated through (losses.py's reference path)."""
+    (ops/fused_head.py) or the head differentiated through (losses.py's reference path)."""
     B, L = batch["targets"].shape
     D = head.w.shape[1] if head.vd else head.w.shape[0]
     h_BLD = jax.random.normal(jax.random.key(1), (B, L, D), head.dtype)
@@ -216,7 +220,7 @@ def head_loss_step(head: LinearHead, batch, fused: bool, chunk):
         h = dataclasses.replace(head, w=w, call=plain) if fused else plain
         return losses.ntp_loss(h_BLD, h, batch["targets"], batch["weights"], chunk)[0]
 
-    grad = jax.jit(jax.grad(loss, (0, 1)), compiler_options=xla_cpu.compiler_options("train"))
+    grad = jax.jit(jax.grad(loss, (0, 1)), compiler_options=cpu.compiler_options("train"))
     return lambda: jax.block_until_ready(grad(h_BLD, head.w))
 
 
@@ -242,7 +246,7 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (0: measured / known)")
     p.add_argument("--only", default="", help=argparse.SUPPRESS)  # one step kind: the memory subprocess
     args = p.parse_args()
-    xla_cpu.prefer_accurate_matmuls()  # before JAX starts its backend: as sftmix_jax.main computes
+    cpu.prefer_accurate_matmuls()  # before JAX starts its backend: as sftmix_jax.main computes
     B, L = args.batch or DEFAULT_BATCH[args.shape][0], args.seq or DEFAULT_BATCH[args.shape][1]
     kinds = args.kinds.split(",") + (["torch_ntp", "torch_sftmix"] if args.torch else [])
     if unknown := set(kinds) - {"ntp", "sftmix", "replay", "head", "head_fused", "torch_ntp", "torch_sftmix"}:
@@ -265,7 +269,7 @@ def main():
             "sftmix": train.make_train_step(graphdef, tx, train.sftmix_loss_fn(0.2, 0.5, False, True, chunk)),
         }
         replay_fn = jax.jit(lambda state, b: evaluate.nll_forward(graphdef, state, b),
-                            compiler_options=xla_cpu.compiler_options("forward"))
+                            compiler_options=cpu.compiler_options("forward"))
         for k in kinds:
             if k in jax_fns:  # its own copy: the step donates (consumes) its state
                 state = [jax.tree.map(jnp.array, params), tx.init(params)]
@@ -315,7 +319,7 @@ def main():
         import sys
 
         for k in kinds:
-            cmd = [sys.executable, "-m", "sftmix_jax.bench", *sys.argv[1:], "--only", k]
+            cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--only", k]
             cmd = [c for c in cmd if c not in ("--memory", "--torch")]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             res[k]["peak_mb"] = json.loads(out)["peak_mb"]

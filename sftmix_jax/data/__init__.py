@@ -1,0 +1,1 @@
+"""Data: sources and templates (sources.py), batches (batching.py), the synthetic suite (synthetic.py)."""

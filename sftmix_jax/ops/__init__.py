@@ -1,0 +1,1 @@
+"""Kernels: attention, the fused head + loss, XLA:CPU settings. Imports nothing above it."""
