@@ -308,3 +308,22 @@ def _fused_sftmix_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, lam_K, m
     if ntp:
         aux = {**aux, "ntp_loss": nll / jnp.maximum(tokens, 1.0), "tokens": tokens}
     return loss, {**aux, "lambda_mean": jnp.mean(lam_K), "loss": loss}
+
+
+# ----------------------------------------------------------------------------------------
+# The losses as the train step takes them: fn(model, batch, rng) -> (loss, aux)
+# ----------------------------------------------------------------------------------------
+def ntp_loss_fn(chunk=None):
+    def fn(model, batch, rng):
+        del rng
+        h_BLD = model.hidden(batch["input_ids"])  # right-padded: the causal mask suffices
+        return ntp_loss(h_BLD, model.linear_head(), batch["targets"], batch["weights"], chunk)
+    return fn
+
+
+def sftmix_loss_fn(mu, alpha, per_pair, ntp=True, chunk=None):
+    def fn(model, batch, rng):
+        h_BLD = model.hidden(batch["input_ids"])
+        return sftmix_loss(h_BLD, model.linear_head(), batch["targets"], batch["weights"], rng,
+                                  mu=mu, alpha=alpha, per_pair=per_pair, ntp=ntp, chunk=chunk)
+    return fn

@@ -8,11 +8,13 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from sftmix_jax import hf, train
+from sftmix_jax import hf
 from sftmix_jax.data import batching
 from sftmix_jax.stages import confidence
 from sftmix_jax.data import sources, synthetic
 from sftmix_jax.model.llama import abstract_model
+from sftmix_jax.data.split import load_split
+from sftmix_jax import checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def test_confidence_is_minus_mean_perplexity_recomputed(workdir, scores):
     picks = [0, 7, 77, len(train_ex) - 1]
     perps = np.zeros((len(steps), len(picks)))
     for ci, step in enumerate(steps):
-        model = nnx.merge(graphdef, train.restore_params(os.path.join(workdir, "reference", "checkpoints"), step, abstract))
+        model = nnx.merge(graphdef, checkpoints.restore_params(os.path.join(workdir, "reference", "checkpoints"), step, abstract))
         for j, i in enumerate(picks):
             ex = train_ex[i]
             logits = np.asarray(model(jnp.asarray(ex.input_ids[None])), np.float64)[0]
@@ -65,22 +67,22 @@ def test_random_split_control(workdir, scores):
     c = tiny_config()
     train_ex, _, _ = sources.load_examples(c.data, synthetic.make_tokenizer(), c.seed)
     d = os.path.join(workdir, "confidence")
-    conf_c, conf_u = confidence.load_split(d, train_ex, "confidence")
-    rand_c, rand_u = confidence.load_split(d, train_ex, "random", seed=0)
+    conf_c, conf_u = load_split(d, train_ex, "confidence")
+    rand_c, rand_u = load_split(d, train_ex, "random", seed=0)
     assert len(rand_c) == len(conf_c) and len(rand_u) == len(conf_u)
     assert not set(rand_c) & set(rand_u)
     assert set(rand_c) | set(rand_u) == set(conf_c) | set(conf_u)
     assert set(rand_c) != set(conf_c)
-    again = confidence.load_split(d, train_ex, "random", seed=0)
+    again = load_split(d, train_ex, "random", seed=0)
     assert np.array_equal(again[0], rand_c)
     with pytest.raises(ValueError, match="does not match the training set"):
-        confidence.load_split(d, train_ex[:-1], "confidence")
+        load_split(d, train_ex[:-1], "confidence")
 
 
 def test_sftmix_batches_hold_half_of_each(workdir):
     c = tiny_config()
     train_ex, _, _ = sources.load_examples(c.data, synthetic.make_tokenizer(), c.seed)
-    conf_c, conf_u = confidence.load_split(os.path.join(workdir, "confidence"), train_ex)
+    conf_c, conf_u = load_split(os.path.join(workdir, "confidence"), train_ex)
     batches = batching.PairedBatches(train_ex, conf_c, conf_u, 16, 0, c.data.buckets)
     for step in range(batches.steps_per_epoch + 2):
         rows = batches.batch(step)["index"]

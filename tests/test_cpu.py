@@ -58,7 +58,7 @@ def test_importing_the_package_changes_no_environment_variable():
     env = {k: v for k, v in os.environ.items() if k != cpu.ADDED_VAR}
     env["XLA_FLAGS"] = env["XLA_FLAGS"].replace(f"--{cpu.YNN_FLAG}=", "").strip()
     code = ("import os; e = dict(os.environ); import sftmix_jax, sftmix_jax.hf, sftmix_jax.model.llama, sftmix_jax.main, "
-            "sftmix_jax.train, sftmix_jax.evaluate, sftmix_jax.cli.generate; assert dict(os.environ) == e, 'changed'")
+            "sftmix_jax.trainer, sftmix_jax.stages.evaluate, sftmix_jax.cli.generate; assert dict(os.environ) == e, 'changed'")
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
 

@@ -10,9 +10,11 @@ import pytest
 from flax import nnx
 
 from conftest import mesh_of, tiny_config
-from sftmix_jax import hf, main, sharding, train
+from sftmix_jax import hf, sharding
 from sftmix_jax.data import batching, sources, synthetic
 from sftmix_jax.ops.attention import causal_attention, float64_attention
+from sftmix_jax import losses, trainer
+from sftmix_jax import config as config_lib
 
 F64 = {"model.dtype": "float64", "model.param_dtype": "float64"}
 FAST = {**F64, "model.init.num_layers": 1}  # fewer layers, faster compiles
@@ -31,10 +33,10 @@ def setup():
 def test_dtypes_are_validated_and_float64_asks_for_x64():
     for key in ("model.dtype", "model.param_dtype"):
         with pytest.raises(ValueError, match=rf"config.{key}='float65': use one of float32, bfloat16, float16, float64"):
-            main.validate(tiny_config(**{key: "float65"}), main.STAGES, 1)
-    main.validate(tiny_config(**F64), main.STAGES, 8)
-    assert main.needs_x64(tiny_config(**{"model.param_dtype": "float64"}))
-    assert not main.needs_x64(tiny_config(**{"model.dtype": "bfloat16"}))
+            config_lib.validate(tiny_config(**{key: "float65"}), config_lib.STAGES, 1)
+    config_lib.validate(tiny_config(**F64), config_lib.STAGES, 8)
+    assert config_lib.needs_x64(tiny_config(**{"model.param_dtype": "float64"}))
+    assert not config_lib.needs_x64(tiny_config(**{"model.dtype": "bfloat16"}))
 
 
 def test_float64_attention_is_dot_product_attention_in_float64():
@@ -88,9 +90,9 @@ def _train_losses(shape, c, batches, steps):
     with jax.set_mesh(mesh):
         model = hf.load_model(c.model, seed=0, mesh=mesh)
         graphdef, params = nnx.split(model)
-        tx, _ = train.make_optimizer(c.train, 20)  # warmup 2 steps: steps 2.. move the parameters
-        opt_state, p_sh, o_sh = train.init_optimizer(tx, params, mesh)
-        step = train.make_train_step(graphdef, tx, train.sftmix_loss_fn(0.2, 0.5, False), 1,
+        tx, _ = trainer.make_optimizer(c.train, 20)  # warmup 2 steps: steps 2.. move the parameters
+        opt_state, p_sh, o_sh = trainer.init_optimizer(tx, params, mesh)
+        step = trainer.make_train_step(graphdef, tx, losses.sftmix_loss_fn(0.2, 0.5, False), 1,
                                      (p_sh, o_sh, sharding.batch_sharding(mesh)))
         out = []
         for i in range(steps):

@@ -9,9 +9,10 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from sftmix_jax import hf, main, sharding, train
+from sftmix_jax import hf, main, sharding
 from sftmix_jax.model import lora
 from sftmix_jax.model.llama import ModelConfig, init_model
+from sftmix_jax import checkpoints
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, tie_embeddings=True)
@@ -76,7 +77,7 @@ def test_tiny_reference_with_lora_trains_only_adapters(tmp_path):
     graphdef, initial, frozen = nnx.split(base, lora.trainable(base), ...)
     steps = json.load(open(os.path.join(workdir, "reference", "done.json")))["replay_steps"]
     ckpt = os.path.join(workdir, "reference", "checkpoints")
-    restored = train.restore_params(ckpt, steps[-1], initial)
+    restored = checkpoints.restore_params(ckpt, steps[-1], initial)
     n_ckpt = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(restored))
     assert n_ckpt == counts["trainable"] < counts["total"] / 5  # adapters only, and few of them
     assert all(isinstance(v, lora.LoRAParam) for _, v in nnx.to_flat_state(restored))

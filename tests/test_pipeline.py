@@ -14,6 +14,7 @@ from safetensors.numpy import load_file
 from sftmix_jax import main
 
 from conftest import OVERRIDES, ROOT, tiny_config  # noqa: E402
+from sftmix_jax import config as config_lib
 
 
 def test_workdir_layout(workdir):
@@ -47,11 +48,11 @@ def test_reference_loss_falls(workdir):
 
 
 def test_finished_stages_are_skipped(workdir):
-    stamps = {s: os.path.getmtime(os.path.join(workdir, s, "done.json")) for s in main.STAGES}
+    stamps = {s: os.path.getmtime(os.path.join(workdir, s, "done.json")) for s in config_lib.STAGES}
     t = time.time()
     main.run_stages(tiny_config(), workdir)
     assert time.time() - t < 30
-    assert stamps == {s: os.path.getmtime(os.path.join(workdir, s, "done.json")) for s in main.STAGES}
+    assert stamps == {s: os.path.getmtime(os.path.join(workdir, s, "done.json")) for s in config_lib.STAGES}
 
 
 def test_workdir_with_other_config_is_refused(workdir):

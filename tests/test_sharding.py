@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from conftest import mesh_of, tiny_config
-from sftmix_jax import hf, losses, sharding, train
+from sftmix_jax import hf, losses, sharding
 from sftmix_jax.data import batching
 from sftmix_jax.stages import confidence
 from sftmix_jax.data import sources
@@ -17,6 +17,7 @@ from sftmix_jax.ops import fused_head
 from sftmix_jax.data import synthetic
 from sftmix_jax.ops.fused_head import LinearHead
 from sftmix_jax.model.llama import abstract_model
+from sftmix_jax import trainer
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
 
@@ -34,9 +35,9 @@ def losses_on(mesh, c, batches, loss_fn, steps=5):
     with jax.set_mesh(mesh):
         model = hf.load_model(c.model, seed=0, mesh=mesh)
         graphdef, params = nnx.split(model)
-        tx, _ = train.make_optimizer(c.train, 100)
-        opt_state, p_sh, o_sh = train.init_optimizer(tx, params, mesh)
-        step = train.make_train_step(graphdef, tx, loss_fn, 1, (p_sh, o_sh, sharding.batch_sharding(mesh)))
+        tx, _ = trainer.make_optimizer(c.train, 100)
+        opt_state, p_sh, o_sh = trainer.init_optimizer(tx, params, mesh)
+        step = trainer.make_train_step(graphdef, tx, loss_fn, 1, (p_sh, o_sh, sharding.batch_sharding(mesh)))
         out = []
         for i in range(steps):
             b = batches.batch(i)
@@ -49,7 +50,7 @@ def losses_on(mesh, c, batches, loss_fn, steps=5):
 @pytest.mark.parametrize("kind", ["ntp", "sftmix"])
 def test_losses_match_single_device_on_every_mesh(setup, kind):
     c, ntp_batches, paired = setup
-    loss_fn = train.ntp_loss_fn() if kind == "ntp" else train.sftmix_loss_fn(0.2, 0.5, False)
+    loss_fn = losses.ntp_loss_fn() if kind == "ntp" else losses.sftmix_loss_fn(0.2, 0.5, False)
     batches = ntp_batches if kind == "ntp" else paired
     ref, _ = losses_on(mesh_of((1, 1, 1)), c, batches, loss_fn)
     assert ref[-1] < ref[0]
@@ -110,8 +111,8 @@ def test_parameters_are_sharded_as_the_rules_say(setup):
         sizes = {"fsdp": 4, "tensor": 2}
         assert shard == tuple(n // sizes.get(a, 1) for n, a in zip(value.shape, list(spec) + [None] * 3)), path
     # optimizer state follows the parameters
-    tx, _ = train.make_optimizer(c.train, 10)
-    opt_state, _, _ = train.init_optimizer(tx, nnx.state(model), mesh)
+    tx, _ = trainer.make_optimizer(c.train, 10)
+    opt_state, _, _ = trainer.init_optimizer(tx, nnx.state(model), mesh)
     mu = dict(nnx.to_flat_state(opt_state[1][0].mu))
     assert mu[("layers", 0, "attn", "q", "kernel")].get_value().sharding.spec == P("fsdp", "tensor", None)
 

@@ -10,8 +10,8 @@ import optax
 import pytest
 from flax import nnx
 
-from sftmix_jax import train
 from sftmix_jax.model.llama import ModelConfig, init_model
+from sftmix_jax import checkpoints, losses, trainer
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8)
@@ -32,7 +32,7 @@ def make_batch(B=8, L=12, seed=0):
 
 
 def test_schedule_warms_up_then_decays():
-    _, schedule = train.make_optimizer(OPT, 100)
+    _, schedule = trainer.make_optimizer(OPT, 100)
     assert float(schedule(0)) == 0.0
     assert abs(float(schedule(10)) - 1e-2) < 1e-9
     assert abs(float(schedule(100)) - 1e-3) < 1e-9
@@ -42,7 +42,7 @@ def test_schedule_warms_up_then_decays():
 def test_norms_and_biases_are_not_decayed():
     model = init_model(CFG)
     _, params = nnx.split(model)
-    tx, _ = train.make_optimizer(OPT.copy_and_resolve_references(), 10)
+    tx, _ = trainer.make_optimizer(OPT.copy_and_resolve_references(), 10)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     opt_state = tx.init(params)
     for _ in range(3):  # past step 0, where the warmup learning rate is 0
@@ -53,17 +53,17 @@ def test_norms_and_biases_are_not_decayed():
 
 
 def test_replay_steps_are_evenly_spaced_and_end_at_the_end():
-    assert train.replay_steps(100, 3) == [33, 67, 100]
-    assert train.replay_steps(10, 5) == [2, 4, 6, 8, 10]
+    assert checkpoints.replay_steps(100, 3) == [33, 67, 100]
+    assert checkpoints.replay_steps(10, 5) == [2, 4, 6, 8, 10]
 
 
 def test_gradient_accumulation_is_the_mean_of_micro_batch_gradients():
     model = init_model(CFG)
     graphdef, params = nnx.split(model)
     batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
-    loss_fn = train.ntp_loss_fn()
+    loss_fn = losses.ntp_loss_fn()
     tx = optax.sgd(1.0)  # the update is -grad: compares gradients directly
-    step2 = train.make_train_step(graphdef, tx, loss_fn, accum=2)
+    step2 = trainer.make_train_step(graphdef, tx, loss_fn, accum=2)
     copy = jax.tree.map(jnp.array, params)
     new2, _, m2 = step2(copy, tx.init(copy), batch, jax.random.key(0))
 
@@ -78,7 +78,7 @@ def test_gradient_accumulation_is_the_mean_of_micro_batch_gradients():
 
 def test_micro_batches_keep_pairs():
     batch = {"index": jnp.arange(8)}  # pair k = rows (2k, 2k+1)
-    micro = train.split_micro(batch, 2)["index"]
+    micro = trainer.split_micro(batch, 2)["index"]
     assert micro.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
@@ -86,7 +86,7 @@ def test_mixup_gradients_reach_the_transformer_layers():
     model = init_model(CFG)
     graphdef, params = nnx.split(model)
     batch = {k: jnp.asarray(v) for k, v in make_batch().items() if k != "index"}
-    mixup_only = train.sftmix_loss_fn(mu=1.0, alpha=0.5, per_pair=False, ntp=False)
+    mixup_only = losses.sftmix_loss_fn(mu=1.0, alpha=0.5, per_pair=False, ntp=False)
     grads = jax.grad(lambda p: mixup_only(nnx.merge(graphdef, p), batch, jax.random.key(1))[0])(params)
     flat = dict(nnx.to_flat_state(grads))
     for path in [("layers", 0, "attn", "q", "kernel"), ("layers", 1, "mlp", "down", "kernel"), ("embed",)]:
@@ -97,7 +97,7 @@ def test_remat_gives_the_same_loss_and_gradients():
     import dataclasses
 
     batch = {k: jnp.asarray(v) for k, v in make_batch().items() if k != "index"}
-    loss_fn = train.sftmix_loss_fn(0.2, 0.5, False)
+    loss_fn = losses.sftmix_loss_fn(0.2, 0.5, False)
     results = []
     for policy in ("none", "full", "dots"):
         graphdef, params = nnx.split(init_model(dataclasses.replace(CFG, remat=policy)))
@@ -126,7 +126,7 @@ def run_poisoned(tmp_path, skip):
     cfg.update(dict(grad_accum=1, save_every=2, eval_every=0, log_every=1, keep_latest=5,
                     eval_batch_size=4, skip_nonfinite=skip))
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-    return train.train(str(tmp_path), init_model(CFG), PoisonedBatches(), [], train.ntp_loss_fn(), cfg,
+    return trainer.train(str(tmp_path), init_model(CFG), PoisonedBatches(), [], losses.ntp_loss_fn(), cfg,
                        mesh=mesh, seed=0, total_steps=6, desc="poisoned")[0]
 
 
@@ -156,7 +156,7 @@ def run_clean(tmp_path, steps):
     cfg = OPT.copy_and_resolve_references()
     cfg.update(dict(grad_accum=1, save_every=2, eval_every=0, log_every=1, keep_latest=5, eval_batch_size=4))
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-    return train.train(str(tmp_path), init_model(CFG), CleanBatches(), [], train.ntp_loss_fn(), cfg,
+    return trainer.train(str(tmp_path), init_model(CFG), CleanBatches(), [], losses.ntp_loss_fn(), cfg,
                        mesh=mesh, seed=0, total_steps=steps, desc="clean")[0]
 
 
@@ -186,11 +186,11 @@ def test_metrics_go_to_wandb_when_a_project_is_named(tmp_path, monkeypatch):
     run = types.SimpleNamespace(log=lambda m, step: calls.append(("log", step, m)), finish=lambda: calls.append(("finish",)))
     fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or run)
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    log = train.MetricsLog(str(tmp_path / "reference"), 0, wandb_project="proj", run_config={"seed": 0})
+    log = trainer.MetricsLog(str(tmp_path / "reference"), 0, wandb_project="proj", run_config={"seed": 0})
     log.write(10, {"loss": 1.5})
     log.close()
     assert calls[0][0] == "init" and calls[0][1]["project"] == "proj" and calls[0][1]["config"] == {"seed": 0}
     assert calls[1:] == [("log", 10, {"loss": 1.5}), ("finish",)]
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: a clear error naming the key
     with pytest.raises(ImportError, match="wandb_project='proj'.*pip install wandb"):
-        train.MetricsLog(str(tmp_path / "sftmix"), 0, wandb_project="proj")
+        trainer.MetricsLog(str(tmp_path / "sftmix"), 0, wandb_project="proj")

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import tiny_config
 from sftmix_jax import main
+from sftmix_jax import config as config_lib
 
 
 @pytest.mark.parametrize("overrides,devices,message", [
@@ -28,12 +29,12 @@ from sftmix_jax import main
 ])
 def test_bad_config_is_refused_naming_the_key(overrides, devices, message):
     with pytest.raises(ValueError, match=message):
-        main.validate(tiny_config(**overrides), main.STAGES, devices)
+        config_lib.validate(tiny_config(**overrides), config_lib.STAGES, devices)
 
 
 def test_good_config_passes():
-    main.validate(tiny_config(), main.STAGES, 8)
-    main.validate(tiny_config(**{"mesh.fsdp": 4, "mesh.tensor": 2}), main.STAGES, 8)
+    config_lib.validate(tiny_config(), config_lib.STAGES, 8)
+    config_lib.validate(tiny_config(**{"mesh.fsdp": 4, "mesh.tensor": 2}), config_lib.STAGES, 8)
 
 
 def test_named_configs_pass():
@@ -45,16 +46,16 @@ def test_named_configs_pass():
     replica = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(replica)
     for name in replica.RUNS:
-        main.validate(replica.get_config(name), main.STAGES, 8)
+        config_lib.validate(replica.get_config(name), config_lib.STAGES, 8)
     assert replica.get_config("qwen25_05b_alpaca,rows=64").data.num_examples == 64
     with pytest.raises(ValueError, match="unknown replica run 'qwen'"):
         replica.get_config("qwen")
-    main.validate(tiny_config(**{"model.source": "pretrain"}), main.STAGES, 8)
+    config_lib.validate(tiny_config(**{"model.source": "pretrain"}), config_lib.STAGES, 8)
 
 
 def test_unknown_stage():
     with pytest.raises(ValueError, match=r"unknown stage\(s\) \['replay'\]"):
-        main.parse_stages("reference,replay")
+        config_lib.parse_stages("reference,replay")
 
 
 def test_validation_runs_before_any_compute(tmp_path):
@@ -87,12 +88,11 @@ def test_max_length_shorter_than_the_prompt_template():
 def test_workdir_accepts_changed_evaluate_keys_and_records_them(tmp_path):
     import json
 
-    from sftmix_jax import main
 
     base = {"train": {"lr": 1.0, "wandb_project": ""}, "evaluate": {"batch_size": 8}, "stages": "reference"}
-    main.check_workdir_config(str(tmp_path), base)
+    config_lib.check_workdir_config(str(tmp_path), base)
     changed = {"train": {"lr": 1.0, "wandb_project": "p"}, "evaluate": {"batch_size": 16}, "stages": "evaluate"}
-    main.check_workdir_config(str(tmp_path), changed)
+    config_lib.check_workdir_config(str(tmp_path), changed)
     assert json.loads((tmp_path / "config.json").read_text()) == changed
     with pytest.raises(SystemExit, match="differing keys: train.lr"):
-        main.check_workdir_config(str(tmp_path), {**changed, "train": {"lr": 2.0, "wandb_project": "p"}})
+        config_lib.check_workdir_config(str(tmp_path), {**changed, "train": {"lr": 2.0, "wandb_project": "p"}})

@@ -30,12 +30,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sftmix_jax import hf, losses, train
-from sftmix_jax.stages import evaluate
+from sftmix_jax import hf, losses
 from sftmix_jax.ops import cpu
 from sftmix_jax.ops.fused_head import LinearHead
 from sftmix_jax.ops.attention import ATTENTION, attention_impl
 from sftmix_jax.model.llama import REMAT, ModelConfig, init_model
+from sftmix_jax import scoring, trainer
 
 SHAPES = {
     # configs/tiny.py's model
@@ -263,12 +263,12 @@ def main():
         n_params = sum(x.size for x in jax.tree.leaves(params))
         batch = {k: jnp.asarray(v) for k, v in np_batch.items()}
         chunk = args.ce_chunk or None
-        tx, _ = train.make_optimizer(OPT, 1000)
+        tx, _ = trainer.make_optimizer(OPT, 1000)
         jax_fns = {
-            "ntp": train.make_train_step(graphdef, tx, train.ntp_loss_fn(chunk)),
-            "sftmix": train.make_train_step(graphdef, tx, train.sftmix_loss_fn(0.2, 0.5, False, True, chunk)),
+            "ntp": trainer.make_train_step(graphdef, tx, losses.ntp_loss_fn(chunk)),
+            "sftmix": trainer.make_train_step(graphdef, tx, losses.sftmix_loss_fn(0.2, 0.5, False, True, chunk)),
         }
-        replay_fn = jax.jit(lambda state, b: evaluate.nll_forward(graphdef, state, b),
+        replay_fn = jax.jit(lambda state, b: scoring.nll_forward(graphdef, state, b),
                             compiler_options=cpu.compiler_options("forward"))
         for k in kinds:
             if k in jax_fns:  # its own copy: the step donates (consumes) its state

@@ -45,7 +45,7 @@ def writing_checkpoint(workdir, since: float) -> bool:
 
 
 def stage_of(workdir) -> str:
-    from sftmix_jax.main import STAGES
+    from sftmix_jax.config import STAGES
 
     done = [s for s in STAGES if os.path.exists(os.path.join(workdir, s, "done.json"))]
     return STAGES[len(done)] if len(done) < len(STAGES) else "finished"
@@ -77,7 +77,7 @@ def main():
     duration = time.time() - t
     print(f"uninterrupted run: {duration:.0f} s")
 
-    from sftmix_jax.main import STAGES
+    from sftmix_jax.config import STAGES
 
     kills, attempt, log, hit = 0, 0, [], set()
     while True:

@@ -22,10 +22,11 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from sftmix_jax import hf, sharding, train
+from sftmix_jax import hf, sharding
 from sftmix_jax.data import batching, sources
 from sftmix_jax.stages import pretrain
 from sftmix_jax.ops import cpu
+from sftmix_jax import losses, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py[:ARG]).")
 _MESH = flags.DEFINE_string("mesh", "1,1,1", "Run B's mesh as data,fsdp,tensor (run A: one device).")
@@ -44,10 +45,10 @@ def make_run(c, mesh, total, perturb):
             keys = jax.random.split(jax.random.key(1), len(leaves))
             params = jax.tree.unflatten(tree, [x * (1 + perturb * jax.random.normal(k, x.shape, x.dtype))
                                                for x, k in zip(leaves, keys)])
-        tx, _ = train.make_optimizer(c.train, total)
-        opt_state, p_sh, o_sh = train.init_optimizer(tx, params, mesh)
+        tx, _ = trainer.make_optimizer(c.train, total)
+        opt_state, p_sh, o_sh = trainer.init_optimizer(tx, params, mesh)
         b_sh = sharding.batch_sharding(mesh)
-        step = train.make_train_step(graphdef, tx, train.ntp_loss_fn(c.train.ce_chunk or None), c.train.grad_accum,
+        step = trainer.make_train_step(graphdef, tx, losses.ntp_loss_fn(c.train.ce_chunk or None), c.train.grad_accum,
                                      (p_sh, o_sh, b_sh))
     return step, params, opt_state
 
@@ -64,7 +65,7 @@ def main(argv):
     c = pretrain.resolve(c, tokenizer, mesh_a, tokenizer.pad_token_id or 0)  # the tiny suite's cached base
     train_ex, _, _ = sources.load_examples(c.data, tokenizer, c.seed)
     batches = batching.TrainBatches(train_ex, c.train.batch_size, c.seed, c.data.buckets)
-    total = train.total_steps(c.train, batches.steps_per_epoch)
+    total = trainer.total_steps(c.train, batches.steps_per_epoch)
     step_a, pa, oa = make_run(c, mesh_a, total, 0.0)
     step_b, pb, ob = make_run(c, mesh_b, total, _PERTURB.value)
     print(f"run A: 1 device; run B: mesh {(d, f, t)}, perturb {_PERTURB.value:g}; {total} steps in the schedule")

@@ -1,4 +1,4 @@
-"""Stage 2: replay the reference checkpoints -> perplexities -> confidence -> split.
+"""Stage 2, confidence: replay the reference checkpoints -> perplexities -> confidence -> split.
 
     Perp_c(i) = exp(mean response NLL of example i under checkpoint c)
     Conf(i)   = -mean_c Perp_c(i)        Var(i) = std_c Perp_c(i)
@@ -15,20 +15,10 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from sftmix_jax import hf, multihost, sharding
+from sftmix_jax import checkpoints, config, hf, multihost, sharding
 from sftmix_jax.model import lora
-from sftmix_jax.stages.evaluate import example_nll
 from sftmix_jax.model.llama import abstract_model
-
-
-def reference_model_config(c):
-    """The config block of the reference model (config.model unless weak-to-strong)."""
-    if not c.reference.model_source:
-        return c.model
-    m = c.model.copy_and_resolve_references()
-    m.unlock()
-    m.source = c.reference.model_source
-    return m
+from sftmix_jax.scoring import example_nll
 
 
 def replay(ckpt_dir, steps, examples, model, batch_size, buckets, pad_id, cache_dir, mesh=None) -> np.ndarray:
@@ -38,8 +28,6 @@ def replay(ckpt_dir, steps, examples, model, batch_size, buckets, pad_id, cache_
     adapters. The trained parameters only are restored (all of them, or the adapters), sharded for
     `mesh`, which may differ from the training mesh.
     """
-    from sftmix_jax.train import restore_params
-
     graphdef, abstract, frozen = nnx.split(model, lora.trainable(model), ...)
     if mesh is not None:
         abstract = sharding.with_shardings(abstract, sharding.state_shardings(abstract, mesh))
@@ -55,7 +43,7 @@ def replay(ckpt_dir, steps, examples, model, batch_size, buckets, pad_id, cache_
             raise FileNotFoundError(
                 f"reference checkpoint {step} is gone from {ckpt_dir}: the confidence stage replays the "
                 f"reference checkpoints {list(steps)}. Restore it, or rerun the reference stage (delete its done.json).")
-        params = restore_params(ckpt_dir, step, abstract)
+        params = checkpoints.restore_params(ckpt_dir, step, abstract)
         nll, count = example_nll(nnx.merge(graphdef, params, frozen), examples, batch_size, buckets, pad_id, mesh,
                                  desc=f"replay step {step}")
         if (count == 0).any():
@@ -86,7 +74,7 @@ def run(run) -> dict:
         raise ValueError(f"confidence needs >= 2 reference checkpoints to replay, got {steps}: "
                          "set config.reference.checkpoints >= 2")
     train_ex = run.data[0]
-    model_cfg = reference_model_config(c)
+    model_cfg = config.reference_model_config(c)
     if c.get("lora") and c.lora.rank > 0:  # checkpoints hold the adapters: load the base weights
         model = lora.apply(hf.load_model(model_cfg, seed=c.seed, mesh=run.mesh), c.lora, c.seed, run.mesh)
     else:  # checkpoints hold every parameter: no weights to load
@@ -114,25 +102,6 @@ def run(run) -> dict:
     }
     logging.info("confidence split: %s", summary)
     return summary
-
-
-def load_split(conf_dir, examples, mode="confidence", seed=0):
-    """(confident, unconfident) row indices into `examples`, from scores.jsonl.
-
-    mode 'random' (the control): halves of the same sizes drawn at random from the same rows.
-    """
-    rows = [json.loads(line) for line in epath.Path(conf_dir, "scores.jsonl").read_text().splitlines()]
-    ids = [e.id for e in examples]
-    if [r["id"] for r in rows] != ids:
-        raise ValueError(f"{conf_dir}/scores.jsonl does not match the training set (was the data config changed?)")
-    split = np.array([r["split"] for r in rows])
-    confident, unconfident = np.flatnonzero(split == "confident"), np.flatnonzero(split == "unconfident")
-    if mode == "random":
-        kept = np.random.default_rng([seed, 1]).permutation(np.concatenate([confident, unconfident]))
-        confident, unconfident = np.sort(kept[: len(confident)]), np.sort(kept[len(confident) :])
-    elif mode != "confidence":
-        raise ValueError(f"config.confidence.split={mode!r}: use 'confidence' or 'random'")
-    return confident, unconfident
 
 
 def data_map(conf, var, split, path, steps):

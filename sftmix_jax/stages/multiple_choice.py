@@ -4,7 +4,7 @@ Each question is rendered as a user turn (chat template with the generation prom
 Alpaca prompt, or plain text) and every option is scored as the answer that follows it:
 the summed log-probability of its tokens, and that sum divided by its token count. The
 option with the highest score is the model's choice; accuracy is reported for both scores.
-The forward pass is evaluate.example_nll's, so a mesh shards it like every other eval.
+The forward pass is scoring.example_nll's, so a mesh shards it like every other eval.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from absl import logging
 from etils import epath
 
 from sftmix_jax.data import sources
-from sftmix_jax.stages.evaluate import example_nll
+from sftmix_jax.scoring import example_nll
 
 LETTERS = string.ascii_uppercase
 

@@ -2,7 +2,7 @@
 few epochs at a small learning rate) on a CPU.
 
 config.model.source = 'pretrain' stands for a model pre-trained by next-token prediction on a broad
-synthetic task corpus (synthetic.corpus: more task families than the instruction suite, as plain
+synthetic task corpus (data/synthetic.py corpus: more task families than the instruction suite, as plain
 text lines `instruction: input -> output` and, for the families outside the suite only, some chat
 turns; none of the suite's prompts), from config.model.init. The loss is on the answers: random
 inputs would otherwise dominate it, and a model this small then learns to copy letters late and
@@ -20,6 +20,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+
+from sftmix_jax import hf, losses, multihost, trainer
+from sftmix_jax.data import synthetic
+from sftmix_jax.data.batching import TrainBatches
+from sftmix_jax.data.sources import Example
 
 VERSION = 2  # part of the cache key: bump when the corpus or the recipe changes meaning
 # The corpus leaves out the prompts of the instruction suite's first EXCLUDED rows (or more, for a
@@ -55,9 +60,6 @@ def base_dir(c) -> str:
 
 def documents(c, tokenizer):
     """(train, held-out) Examples: BOS, then the lines; the loss is on each line's answer."""
-    from sftmix_jax.data import synthetic
-    from sftmix_jax.data.sources import Example
-
     s = c.data.synthetic
     exclude = {(r["instruction"], r["input"]) for r in synthetic.generate(excluded_rows(c), s.seed)}
     p = c.pretrain
@@ -102,8 +104,6 @@ def resolve(c, tokenizer, mesh, pad_id: int):
 
 def ensure(c, tokenizer, mesh, pad_id: int) -> str:
     """The base's HF directory, pre-training it first unless the cache holds it."""
-    from sftmix_jax import multihost
-
     d = base_dir(c)
     hf_dir = os.path.join(d, "hf")
     if multihost.agree(epath.Path(d, "done.json").exists()):
@@ -121,9 +121,6 @@ def ensure(c, tokenizer, mesh, pad_id: int) -> str:
 
 
 def _pretrain(c, tokenizer, mesh, pad_id: int, d: str) -> None:
-    from sftmix_jax import hf, multihost, train
-    from sftmix_jax.data.batching import TrainBatches
-
     logging.info("pretrain: no cached base; pre-training one in %s (once for every seed and arm)", d)
     train_docs, held = documents(c, tokenizer)
     model_cfg = c.model.copy_and_resolve_references()
@@ -133,7 +130,7 @@ def _pretrain(c, tokenizer, mesh, pad_id: int, d: str) -> None:
     t = train_config(c)
     batches = TrainBatches(train_docs, t.batch_size, c.pretrain.seed, c.data.buckets, jax.process_index(),
                            jax.process_count(), pad_id=pad_id)
-    model, ev = train.train(d, model, batches, held, train.ntp_loss_fn(), t, mesh=mesh, seed=c.pretrain.seed,
+    model, ev = trainer.train(d, model, batches, held, losses.ntp_loss_fn(), t, mesh=mesh, seed=c.pretrain.seed,
                             total_steps=t.steps, pad_id=pad_id, buckets=c.data.buckets, desc="pretrain")
     hf.save_pretrained(model, os.path.join(d, "hf"), tokenizer=tokenizer)
     if multihost.is_leader():  # written last: its presence means the base is complete

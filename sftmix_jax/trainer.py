@@ -1,9 +1,11 @@
-"""Training: optimizer, jitted train step with a pluggable loss, loop, checkpoints, logging.
+"""Training: the optimizer, the jitted step with a pluggable loss, the loop with its periodic
+evaluation, saving and logging, and one training stage from model to HF export.
 
-The same loop runs the NTP reference stage and the SFTMix stage; only the loss and the batch
-sampler differ. State is (params, opt_state) as nnx.State pytrees; a batch is a pure function
-of the step and the dropout-free loss needs randomness only from fold_in(seed, step), so a run
-restored from a checkpoint at step s continues exactly as if it had never stopped.
+The same loop runs the NTP reference stage, the SFTMix stage and the tiny suite's pre-training;
+only the loss and the batch sampler differ. State is (params, opt_state) as nnx.State pytrees; a
+batch is a pure function of the step and the dropout-free loss needs randomness only from
+fold_in(seed, step), so a run restored from a checkpoint at step s continues exactly as if it had
+never stopped.
 """
 import hashlib
 import json
@@ -17,21 +19,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from flax import nnx
-from orbax.checkpoint import checkpoint_managers as ocm
 from tqdm.auto import tqdm
 
-from sftmix_jax import losses, multihost, sharding
+from sftmix_jax import checkpoints, hf, multihost, scoring, sharding
+from sftmix_jax.data.batching import padding_report
 from sftmix_jax.model import lora
 from sftmix_jax.ops import cpu
-from sftmix_jax.stages.evaluate import heldout_loss
 
 
 # ----------------------------------------------------------------------------------------
-# Optimizer
+# Optimizer and step
 # ----------------------------------------------------------------------------------------
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     """AdamW, linear warmup + cosine decay, global-norm clipping; no decay on norms/biases."""
@@ -46,28 +46,7 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     ), schedule
 
 
-# ----------------------------------------------------------------------------------------
-# Losses plugged into the step: fn(model, batch, rng) -> (loss, aux)
-# ----------------------------------------------------------------------------------------
-def ntp_loss_fn(chunk=None):
-    def fn(model, batch, rng):
-        del rng
-        h_BLD = model.hidden(batch["input_ids"])  # right-padded: the causal mask suffices
-        return losses.ntp_loss(h_BLD, model.linear_head(), batch["targets"], batch["weights"], chunk)
-    return fn
 
-
-def sftmix_loss_fn(mu, alpha, per_pair, ntp=True, chunk=None):
-    def fn(model, batch, rng):
-        h_BLD = model.hidden(batch["input_ids"])
-        return losses.sftmix_loss(h_BLD, model.linear_head(), batch["targets"], batch["weights"], rng,
-                                  mu=mu, alpha=alpha, per_pair=per_pair, ntp=ntp, chunk=chunk)
-    return fn
-
-
-# ----------------------------------------------------------------------------------------
-# The jitted step
-# ----------------------------------------------------------------------------------------
 def split_micro(batch, accum: int):
     """[B, ...] -> [accum, B/accum, ...]: contiguous chunks (SFTMix pairs are adjacent rows)."""
     return jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
@@ -134,35 +113,7 @@ def init_optimizer(tx, params, mesh):
     return jax.jit(tx.init, out_shardings=o_sh)(params), p_sh, o_sh
 
 
-# ----------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------
-def replay_steps(total_steps: int, num: int) -> list[int]:
-    """C checkpoint steps evenly spaced over the run, the last at the end."""
-    return sorted({max(1, int(round(total_steps * (c + 1) / num))) for c in range(num)})
 
-
-def _abs(directory: str) -> epath.Path:
-    """Orbax wants absolute paths; gs:// and other remote paths already are."""
-    return epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
-
-
-def checkpoint_manager(directory: str, keep_steps=(), keep_latest: int = 2) -> ocp.CheckpointManager:
-    policy = ocm.AnyPreservationPolicy([ocm.LatestN(keep_latest), ocm.CustomSteps(list(keep_steps))])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
-    return ocp.CheckpointManager(_abs(directory), options=options,
-                                 item_names=("params", "opt_state", "meta"))
-
-
-def restore_params(directory: str, step: int, abstract_params):
-    """Parameters only (no optimizer state) of one checkpoint, e.g. for confidence replay."""
-    with ocp.CheckpointManager(_abs(directory), item_names=("params", "opt_state", "meta")) as mngr:
-        return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
-
-
-# ----------------------------------------------------------------------------------------
-# Signals and logging
-# ----------------------------------------------------------------------------------------
 class watch_signals:
     """SIGTERM / SIGINT set a flag: the loop finishes its step, saves, and exits non-zero.
 
@@ -186,6 +137,7 @@ class watch_signals:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
+
 
 class MetricsLog:
     """metrics.jsonl + TensorBoard (+ Weights & Biases when a project is named); on resume, rows
@@ -236,6 +188,38 @@ class MetricsLog:
 # ----------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------
+class _Progress:
+    """Per-step metrics pulled to the host one step late (while the next step runs): checked for
+    non-finite loss, logged every cfg.log_every steps, shown on the progress bar."""
+
+    def __init__(self, log, bar, desc, log_every, total_steps):
+        self.log, self.bar, self.desc, self.log_every, self.total = log, bar, desc, log_every, total_steps
+        self.skipped, self.clock = [], time.perf_counter()
+
+    def reset_clock(self):  # saving and evals do not count against tokens/s
+        self.clock = time.perf_counter()
+
+    def flush(self, pending):
+        step, metrics, rows = pending
+        metrics = jax.device_get(metrics)
+        where = f"at step {step}; example rows of the batch: {rows[rows >= 0][:16].tolist()}"
+        if metrics.pop("skipped", 0):
+            self.skipped.append(step)
+            logging.warning("%s: skipped a batch with non-finite loss %s (%d skipped so far)", self.desc, where,
+                            len(self.skipped))
+            metrics["skipped_total"] = len(self.skipped)
+        elif not np.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"non-finite loss {metrics['loss']} {where}. The last checkpoint is "
+                                     "untouched; set config.train.skip_nonfinite=True to skip such batches")
+        now = time.perf_counter()
+        metrics["tokens_per_s"] = metrics.pop("real_tokens") / max(now - self.clock, 1e-9)
+        self.clock = now
+        if step % self.log_every == 0 or step in (1, self.total):
+            self.log.write(step, metrics)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+
+
 def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed, total_steps,
           num_replay=0, pad_id=0, buckets=(512,), desc="train", run_config=None):
     """Train `model` in place for `total_steps`, resuming from stage_dir/checkpoints if present.
@@ -248,78 +232,29 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
     # optimised and checkpointed; the base weights ride along as `frozen`.
     graphdef, params, frozen = nnx.split(model, lora.trainable(model), ...)
     logging.info("%s: training %s parameters", desc, lora.count(model))
-    tx, schedule = make_optimizer(cfg, total_steps)
+    tx, _ = make_optimizer(cfg, total_steps)
     opt_state, p_sh, o_sh = init_optimizer(tx, params, mesh)
-    keep = replay_steps(total_steps, num_replay) if num_replay else [total_steps]
-    mngr = checkpoint_manager(os.path.join(stage_dir, "checkpoints"), keep_steps=keep, keep_latest=cfg.keep_latest)
-    start = 0
-    # Newest first; Orbax lists finished saves only. The leader's list, so all try the same steps.
-    for step in multihost.agree(sorted(mngr.all_steps(), reverse=True)):
-        error = None
-        try:
-            restored = mngr.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(params), opt_state=ocp.args.StandardRestore(opt_state)))
-        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to the one before
-            error = f"{type(e).__name__}: {str(e)[:200]}"
-        if not multihost.all_ok(error is None):
-            logging.warning("%s: checkpoint %d is unreadable (%s); falling back to the previous one "
-                            "and keeping it as %d.unreadable", desc, step, error or "on another process", step)
-            if multihost.is_leader():  # out of Orbax's sight, so the step can be saved anew
-                bad = _abs(os.path.join(stage_dir, "checkpoints", str(step)))
-                bad.rename(bad.parent / f"{step}.unreadable.{int(time.time())}")
-            multihost.barrier("checkpoint fallback")
-            mngr.reload()
-            continue
-        params, opt_state, start = restored["params"], restored["opt_state"], step
-        logging.info("%s: resuming from step %d", desc, start)
-        break
-    skip = cfg.get("skip_nonfinite", False)
-    step_fn = make_train_step(graphdef, tx, loss_fn, cfg.grad_accum, (p_sh, o_sh, sharding.batch_sharding(mesh)), skip)
-    skipped = []
+    keep = checkpoints.replay_steps(total_steps, num_replay) if num_replay else [total_steps]
+    ckpt_dir = os.path.join(stage_dir, "checkpoints")
+    mngr = checkpoints.manager(ckpt_dir, keep_steps=keep, keep_latest=cfg.keep_latest)
+    params, opt_state, start = checkpoints.restore_latest(mngr, params, opt_state, ckpt_dir, desc)
+    step_fn = make_train_step(graphdef, tx, loss_fn, cfg.grad_accum, (p_sh, o_sh, sharding.batch_sharding(mesh)),
+                              cfg.get("skip_nonfinite", False))
     log = MetricsLog(stage_dir, start, enabled=jax.process_index() == 0, wandb_project=cfg.get("wandb_project", ""),
                      run_config=run_config)
-    base_rng = jax.random.key(seed)
-
-    def save(step):
-        mngr.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave({"step": step, "epoch": step / batches.steps_per_epoch})), force=True)
-
-    evals = {}
+    bar = tqdm(total=total_steps, initial=start, desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0,
+               mininterval=0.2 if sys.stderr.isatty() else 15)  # log files get a line per 15 s
+    progress, evals, base_rng = _Progress(log, bar, desc, cfg.log_every, total_steps), {}, jax.random.key(seed)
 
     def evaluate(step):
-        evals[step] = heldout_loss(nnx.merge(graphdef, params, frozen), eval_examples, cfg.eval_batch_size, buckets,
-                                   pad_id, mesh)
+        evals[step] = scoring.heldout_loss(nnx.merge(graphdef, params, frozen), eval_examples, cfg.eval_batch_size,
+                                           buckets, pad_id, mesh)
         log.write(step, {f"eval_{k}": v for k, v in evals[step].items()})
         return evals[step]
 
-    bar = tqdm(total=total_steps, initial=start, desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0,
-               mininterval=0.2 if sys.stderr.isatty() else 15)  # log files get a line per 15 s
-    clock = [time.perf_counter()]
-
-    def flush(pending):
-        """Pull one step's metrics to the host: check, log, advance the bar."""
-        step, metrics, rows = pending
-        metrics = jax.device_get(metrics)
-        where = f"at step {step}; example rows of the batch: {rows[rows >= 0][:16].tolist()}"
-        if metrics.pop("skipped", 0):
-            skipped.append(step)
-            logging.warning("%s: skipped a batch with non-finite loss %s (%d skipped so far)", desc, where, len(skipped))
-            metrics["skipped_total"] = len(skipped)
-        elif not np.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"non-finite loss {metrics['loss']} {where}. The last checkpoint is "
-                                     "untouched; set config.train.skip_nonfinite=True to skip such batches")
-        now = time.perf_counter()
-        metrics["tokens_per_s"] = metrics.pop("real_tokens") / max(now - clock[0], 1e-9)
-        clock[0] = now
-        if step % cfg.log_every == 0 or step in (1, total_steps):
-            log.write(step, metrics)
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
-
     if start == 0 and cfg.eval_every and eval_examples:  # the baseline the curve starts from
         evaluate(0)
-        clock[0] = time.perf_counter()
+        progress.reset_clock()
     stop = watch_signals()
     try:  # on any error, let checkpoint writes in flight finish: nothing lost on a crash
         pending = None
@@ -329,26 +264,26 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
             params, opt_state, metrics = step_fn(params, opt_state, sharding.global_batch(batch, mesh),
                                                  jax.random.fold_in(base_rng, step), frozen)
             if pending is not None:  # the previous step's metrics, pulled while this step runs
-                flush(pending)
-            pending = (step + 1, metrics, rows)
-            done = step + 1
+                progress.flush(pending)
+            pending, done = (step + 1, metrics, rows), step + 1
             # Preemption: one host alone sees the signal; Orbax's sync point makes all stop at one step.
             preempted = stop.signaled if jax.process_count() == 1 else mngr.reached_preemption(done)
             must_save = done % cfg.save_every == 0 or done in keep or done == total_steps or preempted
             must_eval = bool(eval_examples) and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps)
             if must_save or must_eval:
-                flush(pending)
+                progress.flush(pending)
                 pending = None
                 if must_save:
-                    save(done)
+                    checkpoints.save(mngr, done, params, opt_state,
+                                     {"step": done, "epoch": done / batches.steps_per_epoch})
                 if must_eval:
                     bar.set_postfix_str(f"eval_loss={evaluate(done)['loss']:.4f}", refresh=False)
-                clock[0] = time.perf_counter()  # saving and evals do not count against tokens/s
+                progress.reset_clock()
             if preempted:  # every process stops here, after the same step
                 raise multihost.AgreedExit(f"{desc}: stopped by a signal after step {done}; checkpoint saved in "
-                                 f"{stage_dir}/checkpoints. Rerun the same command to resume.")
+                                           f"{stage_dir}/checkpoints. Rerun the same command to resume.")
         if pending is not None:
-            flush(pending)
+            progress.flush(pending)
     finally:
         stop.restore()
         bar.close()
@@ -359,67 +294,30 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
 
 
 # ----------------------------------------------------------------------------------------
-# Stages
+# One training stage: model -> trained model -> HF export + summary
 # ----------------------------------------------------------------------------------------
 def total_steps(cfg, steps_per_epoch: int) -> int:
     return cfg.steps if cfg.steps > 0 else max(1, int(round(cfg.epochs * steps_per_epoch)))
 
 
-def _finish(run, stage, model, held_out, ev) -> dict:
-    """Export the final model in HF format and return the stage's summary.
+def run_stage(run, stage: str, model_cfg, batches, loss_fn, num_replay: int = 0) -> dict:
+    """Load the model (with adapters under LoRA), train it, export it to DIR/<stage>/hf; the summary.
 
-    ev: the loop's held-out metrics at the final step; computed here only when the loop had none
-    (evals off, or a rerun that found the final checkpoint already saved)."""
-    from sftmix_jax import hf
-
+    The held-out metrics are the loop's at the final step, or computed here when the loop had none
+    (evals off, or a rerun that found the final checkpoint already saved).
+    """
     c = run.config
+    held_out = run.data[1]
+    model = lora.apply(hf.load_model(model_cfg, seed=c.seed, mesh=run.mesh), c.get("lora"), c.seed, run.mesh)
+    padding = padding_report(batches, c.data.max_length)
+    logging.info("%s: padding fraction %s", stage, padding)
+    steps = total_steps(c.train, batches.steps_per_epoch)
+    model, ev = train(run.stage_dir(stage), model, batches, held_out, loss_fn, c.train, mesh=run.mesh, seed=c.seed,
+                      total_steps=steps, num_replay=num_replay, pad_id=run.pad_id, buckets=c.data.buckets,
+                      desc=stage, run_config=c.to_dict())
     hf.save_pretrained(model, os.path.join(run.stage_dir(stage), "hf"), tokenizer=run.tokenizer)  # on every process
     if ev is None:
-        ev = heldout_loss(model, held_out, c.train.eval_batch_size, c.data.buckets, run.pad_id, run.mesh) if held_out else {}
+        ev = scoring.heldout_loss(model, held_out, c.train.eval_batch_size, c.data.buckets, run.pad_id,
+                                  run.mesh) if held_out else {}
     logging.info("%s: final held-out %s", stage, ev)
-    return {"heldout": ev}
-
-
-def run_reference(run) -> dict:
-    """Stage 1: plain NTP on the SFT set, keeping C checkpoints for the confidence replay."""
-    from sftmix_jax import hf
-    from sftmix_jax.stages import confidence
-    from sftmix_jax.data.batching import TrainBatches, padding_report
-
-    c = run.config
-    train_ex, held_out, _ = run.data
-    model_cfg = confidence.reference_model_config(c)
-    model = lora.apply(hf.load_model(model_cfg, seed=c.seed, mesh=run.mesh), c.get("lora"), c.seed, run.mesh)
-    batches = TrainBatches(train_ex, c.train.batch_size, c.seed, c.data.buckets,
-                           jax.process_index(), jax.process_count(), pad_id=run.pad_id)
-    padding = padding_report(batches, c.data.max_length)
-    logging.info("reference: padding fraction %s", padding)
-    steps = total_steps(c.train, batches.steps_per_epoch)
-    model, ev = train(run.stage_dir("reference"), model, batches, held_out, ntp_loss_fn(c.train.ce_chunk or None),
-                  c.train, mesh=run.mesh, seed=c.seed, total_steps=steps, num_replay=c.reference.checkpoints,
-                  pad_id=run.pad_id, buckets=c.data.buckets, desc="reference", run_config=c.to_dict())
-    return {**_finish(run, "reference", model, held_out, ev), "steps": steps, "padding": padding,
-            "replay_steps": replay_steps(steps, c.reference.checkpoints)}
-
-
-def run_sftmix(run) -> dict:
-    """Stage 3: NTP + mu * Mixup on confident/unconfident pairs, from the same initial model."""
-    from sftmix_jax import hf
-    from sftmix_jax.stages import confidence
-    from sftmix_jax.data.batching import PairedBatches, padding_report
-
-    c = run.config
-    train_ex, held_out, _ = run.data
-    confident, unconfident = confidence.load_split(run.stage_dir("confidence"), train_ex, c.confidence.split, c.seed)
-    model = lora.apply(hf.load_model(c.model, seed=c.seed, mesh=run.mesh), c.get("lora"), c.seed, run.mesh)
-    batches = PairedBatches(train_ex, confident, unconfident, c.train.batch_size, c.seed, c.data.buckets,
-                            jax.process_index(), jax.process_count(), pad_id=run.pad_id, pairing=c.sftmix.pairing)
-    padding = padding_report(batches, c.data.max_length)
-    logging.info("sftmix: padding fraction %s", padding)
-    steps = total_steps(c.train, batches.steps_per_epoch)
-    s = c.sftmix
-    loss_fn = sftmix_loss_fn(s.mu, s.alpha, s.per_pair, s.ntp, c.train.ce_chunk or None)
-    model, ev = train(run.stage_dir("sftmix"), model, batches, held_out, loss_fn, c.train, mesh=run.mesh, seed=c.seed,
-                  total_steps=steps, pad_id=run.pad_id, buckets=c.data.buckets, desc="sftmix",
-                  run_config=c.to_dict())
-    return {**_finish(run, "sftmix", model, held_out, ev), "steps": steps, "padding": padding}
+    return {"heldout": ev, "steps": steps, "padding": padding}

@@ -1,0 +1,146 @@
+"""The experiment config: every setting checked in one place before any compute (`validate`), the
+workdir's record of the config it was run with, and values derived from it.
+
+Configs are ml_collections files (configs/NAME.py); configs/common.py holds the shared defaults.
+"""
+import json
+
+from etils import epath
+
+from sftmix_jax import multihost, sharding
+from sftmix_jax.model import lora
+from sftmix_jax.model.llama import REMAT
+from sftmix_jax.ops.attention import ATTENTION
+
+STAGES = ("reference", "confidence", "sftmix", "evaluate")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # config.model.dtype / param_dtype
+# Keys that may change between invocations on the same workdir without changing what is trained
+# (evaluate settings apply when the evaluate stage runs again: delete DIR/evaluate/done.json).
+MUTABLE_KEYS = ("stages", "evaluate", "train.wandb_project")
+
+
+def parse_stages(spec: str) -> list[str]:
+    stages = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise ValueError(f"config.stages={spec!r}: unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
+    return sorted(stages, key=STAGES.index)
+
+
+def validate(config, stages, num_devices: int, process_count: int = 1) -> None:
+    """Every setting checked before any compute: one message naming the key and the fix."""
+    c = config
+    problems = []
+    try:
+        d, f, _ = sharding.mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
+        dp = d * f
+    except ValueError as e:
+        problems.append(str(e))
+        dp = 1
+    b, accum = c.train.batch_size, c.train.grad_accum
+    if b <= 0 or accum <= 0 or b % accum:
+        problems.append(f"config.train.batch_size={b} must be a positive multiple of config.train.grad_accum={accum}")
+    elif (b // accum) % dp:
+        problems.append(f"config.train.batch_size={b} (per micro-batch {b // accum}) must be divisible by the "
+                        f"data-parallel size data*fsdp={dp}")
+    if "sftmix" in stages and (b // max(accum, 1)) % (2 * process_count):
+        problems.append(f"config.train.batch_size={b}: SFTMix needs an even number of rows per micro-batch "
+                        f"and per host (confident/unconfident pairs); use a multiple of {2 * accum * process_count}")
+    for key in ("train.eval_batch_size", "confidence.batch_size", "evaluate.batch_size"):
+        node, name = key.split(".")
+        if c[node][name] % dp:
+            problems.append(f"config.{key}={c[node][name]} must be divisible by data*fsdp={dp}")
+    if c.sftmix.mu < 0:
+        problems.append(f"config.sftmix.mu={c.sftmix.mu} must be >= 0 (0.2 in the paper)")
+    if c.sftmix.alpha <= 0:
+        problems.append(f"config.sftmix.alpha={c.sftmix.alpha} must be > 0 (Beta(alpha, alpha); 0.5 in the paper)")
+    if not c.sftmix.ntp and c.sftmix.mu == 0:
+        problems.append("config.sftmix.ntp=False with mu=0 leaves no loss: set mu > 0")
+    if c.get("lora"):
+        if c.lora.rank < 0:
+            problems.append(f"config.lora.rank={c.lora.rank} must be >= 0 (0 = full fine-tuning)")
+        elif c.lora.rank > 0:
+            try:
+                lora.parse_targets(c.lora.targets)
+            except ValueError as e:
+                problems.append(str(e))
+    if c.sftmix.get("pairing", "random") not in ("random", "length"):
+        problems.append(f"config.sftmix.pairing={c.sftmix.pairing!r}: use 'random' (the paper) or 'length'")
+    for key in ("dtype", "param_dtype"):
+        if c.model[key] not in DTYPES:
+            problems.append(f"config.model.{key}={c.model[key]!r}: use one of {', '.join(DTYPES)}")
+    if c.model.get("remat", "none") not in REMAT:
+        problems.append(f"config.model.remat={c.model.remat!r}: use one of {', '.join(REMAT)}")
+    if c.model.get("attention", "auto") not in ATTENTION:
+        problems.append(f"config.model.attention={c.model.attention!r}: use one of {', '.join(ATTENTION)}")
+    if c.confidence.split not in ("confidence", "random"):
+        problems.append(f"config.confidence.split={c.confidence.split!r}: use 'confidence' or 'random'")
+    if "confidence" in stages and c.reference.checkpoints < 2:
+        problems.append(f"config.reference.checkpoints={c.reference.checkpoints}: the confidence replay needs >= 2")
+    fmt = c.data.format
+    needed = {"alpaca": ("instruction", "output"), "messages": ("messages",), "sharegpt": ("conversations",)}
+    if fmt not in needed:
+        problems.append(f"config.data.format={fmt!r}: use alpaca, messages or sharegpt")
+    else:
+        problems += [f"config.data.fields.{k} is empty: name the column that holds it" for k in needed[fmt]
+                     if not c.data.fields.get(k)]
+    if c.data.template not in ("chat", "alpaca"):
+        problems.append(f"config.data.template={c.data.template!r}: use 'chat' or 'alpaca'")
+    if c.data.overflow not in ("truncate", "drop"):
+        problems.append(f"config.data.overflow={c.data.overflow!r}: use 'truncate' or 'drop'")
+    if c.model.source == "pretrain" and (c.data.source != "synthetic" or c.tokenizer != "synthetic"
+                                         or not c.get("pretrain")):
+        problems.append("config.model.source='pretrain' (a base pre-trained on the synthetic corpus) needs "
+                        "config.data.source='synthetic', config.tokenizer='synthetic' and a config.pretrain block")
+    if problems:
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def check_workdir_config(workdir: str, config: dict) -> None:
+    """Write DIR/config.json, or refuse a workdir that holds a different config."""
+    path = epath.Path(workdir, "config.json")
+
+    def strip(c):
+        c = json.loads(json.dumps(c))
+        for key in MUTABLE_KEYS:
+            *parents, leaf = key.split(".")
+            node = c
+            for p in parents:
+                node = node.get(p, {})
+            node.pop(leaf, None)
+        return c
+
+    if path.exists():
+        old = json.loads(path.read_text())
+        if strip(old) != strip(config):
+            diff = sorted(_diff(strip(old), strip(config)))
+            raise SystemExit(
+                f"{workdir} holds a run with a different config (differing keys: {', '.join(diff[:10])}). "
+                "Use a new --workdir, or the same config to resume.")
+        if old == config:
+            return
+    path.parent.mkdir(parents=True, exist_ok=True)  # new, or only mutable keys changed: record them
+    multihost.write_atomic(path, json.dumps(config, indent=2, sort_keys=True))
+
+
+def _diff(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in set(a) | set(b):
+            yield from _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+    elif a != b:
+        yield prefix.rstrip(".")
+
+
+def needs_x64(config) -> bool:
+    """float64 weights or activations need JAX's 64-bit mode (off by default: float64 -> float32)."""
+    return "float64" in (config.model.dtype, config.model.param_dtype)
+
+
+def reference_model_config(c):
+    """The config block of the reference model (config.model unless weak-to-strong)."""
+    if not c.reference.model_source:
+        return c.model
+    m = c.model.copy_and_resolve_references()
+    m.unlock()
+    m.source = c.reference.model_source
+    return m
