@@ -33,10 +33,7 @@ it as one JSON/JSONL (fields instruction/input/output) and pass
 --config.data.source=PATH; the default below is one real subset (medical_meadow_medical_flashcards).
 Gated models (Llama) need HF_TOKEN on every host.
 """
-import ml_collections
-
-from sftmix_jax.data import sources
-from sftmix_jax.model import lora
+from sftmix_jax import config
 
 EXPERIMENTS = {
     "llama31_8b_alpaca": ("meta-llama/Llama-3.1-8B", "tatsu-lab/alpaca", "alpaca", 3.0),
@@ -52,45 +49,23 @@ def get_config(arg="llama31_8b_alpaca"):
     if arg not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {arg!r}; choose one of {sorted(EXPERIMENTS)}")
     model, source, fmt, epochs = EXPERIMENTS[arg]
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.stages = "reference,confidence,sftmix,evaluate"
-    c.tokenizer = ""  # the model's tokenizer
-    c.model = ml_collections.ConfigDict(dict(source=model, init=ml_collections.ConfigDict(),
-                                             dtype="bfloat16", param_dtype="float32", remat="full", attention="auto"))
-
-    c.data = sources.default_config()
-    c.data.source = source
-    c.data.format = fmt
-    c.data.template = "alpaca"  # base models: the Stanford Alpaca prompt (+ EOS)
-    c.data.max_length = 1024
-    c.data.overflow = "truncate"
-    c.data.eval_fraction = 0.02
-    c.data.buckets = (256, 512, 768, 1024)
-
-    c.train = ml_collections.ConfigDict(dict(
-        epochs=epochs, steps=0, batch_size=32, grad_accum=1,
-        lr=2e-6, min_lr_ratio=0.0, warmup_ratio=0.1, weight_decay=0.1, grad_clip=1.0,
-        b1=0.9, b2=0.999, eps=1e-8, ce_chunk=256,
-        log_every=10, eval_every=500, eval_batch_size=64, save_every=500, keep_latest=2,
-        skip_nonfinite=False,  # True: skip (and count) batches whose loss is not finite
-        wandb_project=''))  # a W&B project name logs there too (pip install wandb); '' = TensorBoard only
-    c.reference = ml_collections.ConfigDict(dict(
-        model_source="meta-llama/Llama-3.2-1B" if arg.endswith("_w2s") else "", checkpoints=3))
-    c.confidence = ml_collections.ConfigDict(dict(batch_size=128, split="confidence"))
-    c.sftmix = ml_collections.ConfigDict(dict(mu=0.2, alpha=0.5, per_pair=False, ntp=True,
-                                              pairing="random"))  # 'length': pair similar response lengths
-    c.lora = lora.default_config()  # rank > 0: LoRA adapters only (the compute-constrained setting)
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1))
-    # multiple_choice (sftmix_jax/multiple_choice.py): the healthcare run scores MedQA (4 options) by option
-    # log-likelihood in the Alpaca prompt it was tuned on; source '' = off. MedMCQA: source
-    # openlifescienceai/medmcqa:validation, fields.choices='opa,opb,opc,opd', fields.answer=cop. PubMedQA:
-    # qiaojin/PubMedQA:train, subset=pqa_labeled, fixed_choices='yes,no,maybe', fields.answer=final_decision,
+    c = config.defaults()  # everything not set here: sftmix_jax/config.py (the paper's SFTMix settings)
+    c.model.update(dict(source=model, dtype="bfloat16", remat="full"))
+    c.data.update(dict(source=source, format=fmt, max_length=1024, eval_fraction=0.02, buckets=(256, 512, 768, 1024),
+                       template="alpaca"))  # base models: the Stanford Alpaca prompt (+ EOS)
+    c.train.update(dict(epochs=epochs, min_lr_ratio=0.0, b2=0.999, ce_chunk=256))
+    if arg.endswith("_w2s"):
+        c.reference.model_source = "meta-llama/Llama-3.2-1B"
+    c.confidence.batch_size = 128
+    c.mesh.update(dict(data=1, fsdp=-1))
+    # multiple_choice: the healthcare run scores MedQA (4 options) by option log-likelihood in the
+    # Alpaca prompt it was tuned on. MedMCQA: source openlifescienceai/medmcqa:validation,
+    # fields.choices='opa,opb,opc,opd', fields.answer=cop. PubMedQA: qiaojin/PubMedQA:train,
+    # subset=pqa_labeled, fixed_choices='yes,no,maybe', fields.answer=final_decision,
     # fields.context=context.contexts, lettered=False.
-    c.evaluate = ml_collections.ConfigDict(dict(max_new_tokens=256, exact_match=False, batch_size=64,
-        other=dict(source="", num_examples=0),  # a held-out set not trained on (forgetting): file, first N rows
-        multiple_choice=dict(
-        source="GBaker/MedQA-USMLE-4-options:test" if arg == "llama31_8b_medalpaca" else "", split="test", subset="",
-        num_examples=0, batch_size=64, template="alpaca", lettered=True, fixed_choices="",
-        fields=dict(id="id", question="question", choices="options", answer="answer_idx", context=""))))
+    mc = c.evaluate.multiple_choice
+    mc.update(dict(template="alpaca", lettered=True))
+    mc.fields.update(dict(choices="options", answer="answer_idx"))
+    if arg == "llama31_8b_medalpaca":
+        mc.source = "GBaker/MedQA-USMLE-4-options:test"
     return c

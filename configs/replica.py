@@ -20,10 +20,7 @@ MedQA, PubMedQA and MedMCQA score by option log-likelihood (multiple_choice.py);
 --config.evaluate.multiple_choice.fields.choices=opa,opb,opc,opd --config.evaluate.multiple_choice.fields.answer=cop
 Gated models (Llama) need HF_TOKEN. Needs a network for the hub ids, or local copies by path.
 """
-import ml_collections
-
-from sftmix_jax.data import sources
-from sftmix_jax.model import lora
+from sftmix_jax import config
 
 MEADOW = "medalpaca/medical_meadow_medical_flashcards"
 RUNS = {  # model, data, rows, learning rate, batch per device step
@@ -52,36 +49,15 @@ def parse_arg(arg):
 def get_config(arg="qwen25_05b_medalpaca"):
     name, a = parse_arg(arg)
     model, source, _, lr = RUNS[name]
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.stages = "reference,confidence,sftmix,evaluate"
-    c.tokenizer = ""
-    c.model = ml_collections.ConfigDict(dict(source=model, init=ml_collections.ConfigDict(),
-                                             dtype="bfloat16", param_dtype="float32", remat="full", attention="auto"))
-    c.data = sources.default_config()
-    c.data.source = source
-    c.data.format = "alpaca"
-    c.data.template = "alpaca"  # base models: the Stanford Alpaca prompt (+ EOS)
-    c.data.num_examples = a["rows"]
-    c.data.eval_fraction = 0.02
-    c.data.max_length = 512
-    c.data.buckets = (128, 256, 384, 512)
-    c.train = ml_collections.ConfigDict(dict(
-        epochs=3.0, steps=0, batch_size=32, grad_accum=1,
-        lr=lr, min_lr_ratio=0.0, warmup_ratio=0.1, weight_decay=0.1, grad_clip=1.0,
-        b1=0.9, b2=0.999, eps=1e-8, ce_chunk=0,
-        log_every=10, eval_every=200, eval_batch_size=64, save_every=200, keep_latest=2,
-        skip_nonfinite=False, wandb_project=''))
-    c.reference = ml_collections.ConfigDict(dict(model_source="", checkpoints=3))
-    c.confidence = ml_collections.ConfigDict(dict(batch_size=64, split="confidence"))
-    c.sftmix = ml_collections.ConfigDict(dict(mu=0.2, alpha=0.5, per_pair=False, ntp=True, pairing="random"))
-    c.lora = lora.default_config()
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1))
-    mc = MEDQA if source == MEADOW else dict(source="", fields={})
-    c.evaluate = ml_collections.ConfigDict(dict(max_new_tokens=128, exact_match=False, batch_size=64,
-        other=dict(source="", num_examples=0),  # a held-out set not trained on (forgetting): file, first N rows
-        multiple_choice=dict(
-        source=mc["source"], split="test", subset="", num_examples=0, batch_size=32, template="alpaca", lettered=True,
-        fixed_choices="", fields=dict(id="id", question="question", context="",
-                                      **{**dict(choices="choices", answer="answer"), **mc["fields"]}))))
+    c = config.defaults()  # everything not set here: sftmix_jax/config.py
+    c.model.update(dict(source=model, dtype="bfloat16", remat="full"))
+    c.data.update(dict(source=source, num_examples=a["rows"], eval_fraction=0.02, max_length=512,
+                       buckets=(128, 256, 384, 512), template="alpaca"))  # base models: the Alpaca prompt (+ EOS)
+    c.train.update(dict(epochs=3.0, lr=lr, min_lr_ratio=0.0, b2=0.999, eval_every=200, save_every=200))
+    c.mesh.update(dict(data=1, fsdp=-1))
+    c.evaluate.max_new_tokens = 128
+    c.evaluate.multiple_choice.update(dict(batch_size=32, template="alpaca", lettered=True))
+    if source == MEADOW:
+        c.evaluate.multiple_choice.source = MEDQA["source"]
+        c.evaluate.multiple_choice.fields.update(MEDQA["fields"])
     return c

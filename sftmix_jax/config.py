@@ -5,9 +5,11 @@ Configs are ml_collections files (configs/NAME.py); configs/common.py holds the 
 """
 import json
 
+import ml_collections
 from etils import epath
 
 from sftmix_jax import multihost, sharding
+from sftmix_jax.data import sources
 from sftmix_jax.model import lora
 from sftmix_jax.model.llama import REMAT
 from sftmix_jax.ops.attention import ATTENTION
@@ -144,3 +146,66 @@ def reference_model_config(c):
     m.unlock()
     m.source = c.reference.model_source
     return m
+
+
+# ----------------------------------------------------------------------------------------
+# Defaults: every key a config has; configs/*.py set what differs
+# ----------------------------------------------------------------------------------------
+def defaults() -> ml_collections.ConfigDict:
+    """The full config with the paper's SFTMix settings; an experiment file overrides the rest."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.stages = ",".join(STAGES)
+    c.tokenizer = ""  # '' = the model's own tokenizer and chat template; 'synthetic' = the built-in one
+    c.model = ml_collections.ConfigDict(dict(
+        source="",  # an HF directory or hub id; 'init' = random init from `init`; 'pretrain' (configs/tiny.py)
+        init=ml_collections.ConfigDict(),  # ModelConfig fields for source='init' / 'pretrain'
+        dtype="float32",  # compute dtype (bfloat16 on accelerators)
+        param_dtype="float32", remat="none",  # remat: none | full | dots (activation checkpointing per block)
+        attention="auto"))  # auto | blocked | xla | cudnn | splash
+    c.data = sources.default_config()
+    c.train = ml_collections.ConfigDict(dict(
+        epochs=1.0, steps=0,  # steps > 0 overrides epochs
+        batch_size=32, grad_accum=1,
+        lr=2e-6, min_lr_ratio=0.1, warmup_ratio=0.1, weight_decay=0.1, grad_clip=1.0,
+        b1=0.9, b2=0.95, eps=1e-8,
+        ce_chunk=0,  # >0: cross-entropy over sequence chunks of this size
+        log_every=10, eval_every=500, eval_batch_size=64, save_every=500, keep_latest=2,
+        skip_nonfinite=False,  # True: skip (and count) batches whose loss is not finite
+        wandb_project=""))  # a W&B project name logs there too (pip install wandb); '' = TensorBoard only
+    c.reference = ml_collections.ConfigDict(dict(
+        model_source="",  # '' = config.model; else a (smaller) HF model: weak-to-strong
+        checkpoints=3))  # C checkpoints replayed for confidence, evenly spaced, last at the end
+    c.confidence = ml_collections.ConfigDict(dict(batch_size=64, split="confidence"))  # or 'random' (the control)
+    c.sftmix = ml_collections.ConfigDict(dict(mu=0.2, alpha=0.5, per_pair=False, ntp=True,
+                                              pairing="random"))  # 'length': pair similar response lengths
+    c.lora = lora.default_config()  # rank > 0: LoRA adapters only (the compute-constrained setting)
+    # Device mesh: -1 takes the devices left over. FSDP shards parameters and optimizer state
+    # over `fsdp`; tensor parallelism shards heads, MLP and vocabulary over `tensor`.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
+    c.evaluate = ml_collections.ConfigDict(dict(
+        max_new_tokens=256, exact_match=False, batch_size=64,
+        other=dict(source="", num_examples=0),  # a held-out set not trained on (forgetting): file, first N rows
+        multiple_choice=_multiple_choice()))
+    return c
+
+
+def _multiple_choice() -> ml_collections.ConfigDict:
+    """config.evaluate.multiple_choice (stages/multiple_choice.py): accuracy by option log-likelihood."""
+    return ml_collections.ConfigDict(dict(
+        source="",  # '' = off | local .json/.jsonl/.parquet | hub id[:split]
+        split="test",  # hub split when the source names none
+        subset="",  # hub config name, e.g. 'pqa_labeled' for PubMedQA
+        num_examples=0,  # 0 = all questions; else the first N
+        batch_size=64,  # rows are (question, option) pairs
+        template="chat",  # 'chat' (tokenizer's template) | 'alpaca' | 'plain' ("...\nAnswer: option")
+        # True: list "A. option" lines in the prompt and score "A. option" (large models); False:
+        # score the bare option text (cloze style; small models put most mass on the letter A).
+        lettered=False,
+        fixed_choices="",  # options shared by every question, comma-separated (PubMedQA: 'yes,no,maybe')
+        # Field names; dots reach into nested fields ('context.contexts'). choices: one field
+        # holding a list or a {"A": text, ...} dict, or several comma-separated fields, one
+        # option each (MedMCQA: 'opa,opb,opc,opd'). answer: a 0-based index, a letter, a key
+        # of the choices dict, or the text of an option.
+        fields=dict(id="id", question="question", choices="choices", answer="answer", context=""),
+    ))

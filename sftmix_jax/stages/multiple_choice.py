@@ -13,7 +13,6 @@ import json
 import os
 import string
 
-import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
@@ -22,27 +21,6 @@ from sftmix_jax.data import sources
 from sftmix_jax.scoring import example_nll
 
 LETTERS = string.ascii_uppercase
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """The keys of config.evaluate.multiple_choice (the configs spell them out in full)."""
-    return ml_collections.ConfigDict(dict(
-        source="",  # '' = off | local .json/.jsonl/.parquet | hub id[:split]
-        split="test",  # hub split when the source names none
-        subset="",  # hub config name, e.g. 'pqa_labeled' for PubMedQA
-        num_examples=0,  # 0 = all questions; else the first N
-        batch_size=64,  # rows are (question, option) pairs
-        template="chat",  # 'chat' (tokenizer's template) | 'alpaca' | 'plain' ("...\nAnswer: option")
-        # True: list "A. option" lines in the prompt and score "A. option" (large models); False:
-        # score the bare option text (cloze style; small models put most mass on the letter A).
-        lettered=False,
-        fixed_choices="",  # options shared by every question, comma-separated (PubMedQA: 'yes,no,maybe')
-        # Field names; dots reach into nested fields ('context.contexts'). choices: one field
-        # holding a list or a {"A": text, ...} dict, or several comma-separated fields, one
-        # option each (MedMCQA: 'opa,opb,opc,opd'). answer: a 0-based index, a letter, a key
-        # of the choices dict, or the text of an option.
-        fields=dict(id="id", question="question", choices="choices", answer="answer", context=""),
-    ))
 
 
 @dataclasses.dataclass
