@@ -29,9 +29,8 @@ def parse_stages(spec: str) -> list[str]:
     return sorted(stages, key=STAGES.index)
 
 
-def validate(config, stages, num_devices: int, process_count: int = 1) -> None:
-    """Every setting checked before any compute: one message naming the key and the fix."""
-    c = config
+def _batch_problems(c, stages, num_devices: int, process_count: int) -> list[str]:
+    """Mesh, batch sizes and their divisibility."""
     problems = []
     try:
         d, f, _ = sharding.mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
@@ -52,6 +51,12 @@ def validate(config, stages, num_devices: int, process_count: int = 1) -> None:
         node, name = key.split(".")
         if c[node][name] % dp:
             problems.append(f"config.{key}={c[node][name]} must be divisible by data*fsdp={dp}")
+    return problems
+
+
+def _method_problems(c, stages) -> list[str]:
+    """SFTMix, LoRA, the confidence split and the replay."""
+    problems = []
     if c.sftmix.mu < 0:
         problems.append(f"config.sftmix.mu={c.sftmix.mu} must be >= 0 (0.2 in the paper)")
     if c.sftmix.alpha <= 0:
@@ -68,6 +73,16 @@ def validate(config, stages, num_devices: int, process_count: int = 1) -> None:
                 problems.append(str(e))
     if c.sftmix.get("pairing", "random") not in ("random", "length"):
         problems.append(f"config.sftmix.pairing={c.sftmix.pairing!r}: use 'random' (the paper) or 'length'")
+    if c.confidence.split not in ("confidence", "random"):
+        problems.append(f"config.confidence.split={c.confidence.split!r}: use 'confidence' or 'random'")
+    if "confidence" in stages and c.reference.checkpoints < 2:
+        problems.append(f"config.reference.checkpoints={c.reference.checkpoints}: the confidence replay needs >= 2")
+    return problems
+
+
+def _model_problems(c) -> list[str]:
+    """Dtypes, remat, attention."""
+    problems = []
     for key in ("dtype", "param_dtype"):
         if c.model[key] not in DTYPES:
             problems.append(f"config.model.{key}={c.model[key]!r}: use one of {', '.join(DTYPES)}")
@@ -75,10 +90,12 @@ def validate(config, stages, num_devices: int, process_count: int = 1) -> None:
         problems.append(f"config.model.remat={c.model.remat!r}: use one of {', '.join(REMAT)}")
     if c.model.get("attention", "auto") not in ATTENTION:
         problems.append(f"config.model.attention={c.model.attention!r}: use one of {', '.join(ATTENTION)}")
-    if c.confidence.split not in ("confidence", "random"):
-        problems.append(f"config.confidence.split={c.confidence.split!r}: use 'confidence' or 'random'")
-    if "confidence" in stages and c.reference.checkpoints < 2:
-        problems.append(f"config.reference.checkpoints={c.reference.checkpoints}: the confidence replay needs >= 2")
+    return problems
+
+
+def _data_problems(c) -> list[str]:
+    """Format, fields, template, overflow, the pre-trained base."""
+    problems = []
     fmt = c.data.format
     needed = {"alpaca": ("instruction", "output"), "messages": ("messages",), "sharegpt": ("conversations",)}
     if fmt not in needed:
@@ -94,6 +111,14 @@ def validate(config, stages, num_devices: int, process_count: int = 1) -> None:
                                          or not c.get("pretrain")):
         problems.append("config.model.source='pretrain' (a base pre-trained on the synthetic corpus) needs "
                         "config.data.source='synthetic', config.tokenizer='synthetic' and a config.pretrain block")
+    return problems
+
+
+def validate(config, stages, num_devices: int, process_count: int = 1) -> None:
+    """Every setting checked before any compute: one message naming the key and the fix."""
+    c = config
+    problems = (_batch_problems(c, stages, num_devices, process_count) + _method_problems(c, stages)
+                + _model_problems(c) + _data_problems(c))
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 

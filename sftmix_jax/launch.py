@@ -45,7 +45,7 @@ def _pump(index: int, stream, out) -> None:
         out.flush()
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sftmix_jax.launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--processes", "-n", type=int, default=2, help="JAX processes (simulated hosts)")
@@ -55,6 +55,31 @@ def main(argv=None) -> int:
     p.add_argument("--grace", type=float, default=120.0,
                    help="seconds the others may take to stop after one fails, before they are killed")
     p.add_argument("args", nargs=argparse.REMAINDER, help="-- then the program's arguments")
+    return p
+
+
+def _wait(procs, grace: float):
+    """Until every process has ended; after the first failure the others get `grace` seconds to
+    stop on their own, then are killed. Returns the index of the first to fail, or None."""
+    first_failure, failed_at = None, None
+    while [q.poll() for q in procs].count(None):
+        for i, q in enumerate(procs):
+            if q.returncode not in (None, 0) and first_failure is None:
+                first_failure, failed_at = i, time.time()
+                print(f"launch: process {i} exited with {_describe(q.returncode)}; waiting up to {grace:.0f} s "
+                      "for the others to stop", flush=True)
+        if failed_at is not None and time.time() - failed_at > grace:
+            for i, q in enumerate(procs):
+                if q.poll() is None:
+                    print(f"launch: process {i} still running {grace:.0f} s after process {first_failure} "
+                          "failed: killing it", flush=True)
+                    q.kill()
+        time.sleep(0.1)
+    return first_failure
+
+
+def main(argv=None) -> int:
+    p = _parser()
     a = p.parse_args(argv)
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
     if a.processes < 1 or a.devices_per_process < 1:
@@ -71,7 +96,6 @@ def main(argv=None) -> int:
         pumps[-1].start()
     print(f"launch: {a.processes} processes x {a.devices_per_process} devices, coordinator 127.0.0.1:{port}, "
           f"pids {' '.join(f'p{i}={q.pid}' for i, q in enumerate(procs))}", flush=True)
-
     signals = []
 
     def forward(signum, frame):
@@ -84,21 +108,8 @@ def main(argv=None) -> int:
                 q.send_signal(how)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    first_failure, failed_at = None, None
     try:
-        while [q.poll() for q in procs].count(None):
-            for i, q in enumerate(procs):
-                if q.returncode not in (None, 0) and first_failure is None:
-                    first_failure, failed_at = i, time.time()
-                    print(f"launch: process {i} exited with {_describe(q.returncode)}; waiting up to {a.grace:.0f} s "
-                          "for the others to stop", flush=True)
-            if failed_at is not None and time.time() - failed_at > a.grace:
-                for i, q in enumerate(procs):
-                    if q.poll() is None:
-                        print(f"launch: process {i} still running {a.grace:.0f} s after process {first_failure} "
-                              "failed: killing it", flush=True)
-                        q.kill()
-            time.sleep(0.1)
+        first_failure = _wait(procs, a.grace)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -107,8 +118,7 @@ def main(argv=None) -> int:
     codes = [q.returncode for q in procs]
     if first_failure is None:
         first_failure = next((i for i, c in enumerate(codes) if c), None)
-    summary = ", ".join(f"p{i} {_describe(c)}" for i, c in enumerate(codes))
-    print(f"launch: exit codes: {summary}", flush=True)
+    print(f"launch: exit codes: {', '.join(f'p{i} {_describe(c)}' for i, c in enumerate(codes))}", flush=True)
     if first_failure is None:
         return 0
     code = codes[first_failure]

@@ -192,8 +192,10 @@ class _Progress:
     """Per-step metrics pulled to the host one step late (while the next step runs): checked for
     non-finite loss, logged every cfg.log_every steps, shown on the progress bar."""
 
-    def __init__(self, log, bar, desc, log_every, total_steps):
-        self.log, self.bar, self.desc, self.log_every, self.total = log, bar, desc, log_every, total_steps
+    def __init__(self, log, desc, log_every, total_steps, start):
+        self.log, self.desc, self.log_every, self.total = log, desc, log_every, total_steps
+        self.bar = tqdm(total=total_steps, initial=start, desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0,
+                        mininterval=0.2 if sys.stderr.isatty() else 15)  # log files get a line per 15 s
         self.skipped, self.clock = [], time.perf_counter()
 
     def reset_clock(self):  # saving and evals do not count against tokens/s
@@ -220,31 +222,32 @@ class _Progress:
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
 
 
-def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed, total_steps,
-          num_replay=0, pad_id=0, buckets=(512,), desc="train", run_config=None):
-    """Train `model` in place for `total_steps`, resuming from stage_dir/checkpoints if present.
-
-    cfg: config.train (lr, schedule, batch, accumulation, intervals). Returns (model with the final
-    parameters, held-out metrics at the final step or None if not evaluated there). Saves at every
-    cfg.save_every steps, at the C replay steps and at the end.
-    """
-    # Already sharded over `mesh` by hf.load_model. Under LoRA only the adapters are trained,
-    # optimised and checkpointed; the base weights ride along as `frozen`.
+def _setup(model, cfg, loss_fn, total_steps: int, mesh, desc: str):
+    """(graphdef, trained params, frozen rest, optimizer state, step function). The model is already
+    sharded over the mesh by hf.load_model. Under LoRA only the adapters are trained, optimised
+    and checkpointed; the base weights ride along as `frozen`."""
     graphdef, params, frozen = nnx.split(model, lora.trainable(model), ...)
     logging.info("%s: training %s parameters", desc, lora.count(model))
-    tx, _ = make_optimizer(cfg, total_steps)
+    tx = make_optimizer(cfg, total_steps)[0]
     opt_state, p_sh, o_sh = init_optimizer(tx, params, mesh)
+    step_fn = make_train_step(graphdef, tx, loss_fn, cfg.grad_accum, (p_sh, o_sh, sharding.batch_sharding(mesh)),
+                              cfg.get("skip_nonfinite", False))
+    return graphdef, params, frozen, opt_state, step_fn
+
+
+def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed, total_steps,
+          num_replay=0, pad_id=0, buckets=(512,), desc="train", run_config=None):
+    """Train `model` for `total_steps` (cfg: config.train), resuming from stage_dir/checkpoints if present;
+    saves every cfg.save_every steps, at the C replay steps and at the end. Returns (the model with the
+    final parameters, held-out metrics at the final step or None if not evaluated there)."""
+    graphdef, params, frozen, opt_state, step_fn = _setup(model, cfg, loss_fn, total_steps, mesh, desc)
     keep = checkpoints.replay_steps(total_steps, num_replay) if num_replay else [total_steps]
     ckpt_dir = os.path.join(stage_dir, "checkpoints")
     mngr = checkpoints.manager(ckpt_dir, keep_steps=keep, keep_latest=cfg.keep_latest)
     params, opt_state, start = checkpoints.restore_latest(mngr, params, opt_state, ckpt_dir, desc)
-    step_fn = make_train_step(graphdef, tx, loss_fn, cfg.grad_accum, (p_sh, o_sh, sharding.batch_sharding(mesh)),
-                              cfg.get("skip_nonfinite", False))
     log = MetricsLog(stage_dir, start, enabled=jax.process_index() == 0, wandb_project=cfg.get("wandb_project", ""),
                      run_config=run_config)
-    bar = tqdm(total=total_steps, initial=start, desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0,
-               mininterval=0.2 if sys.stderr.isatty() else 15)  # log files get a line per 15 s
-    progress, evals, base_rng = _Progress(log, bar, desc, cfg.log_every, total_steps), {}, jax.random.key(seed)
+    progress, evals, base_rng = _Progress(log, desc, cfg.log_every, total_steps, start), {}, jax.random.key(seed)
 
     def evaluate(step):
         evals[step] = scoring.heldout_loss(nnx.merge(graphdef, params, frozen), eval_examples, cfg.eval_batch_size,
@@ -277,7 +280,7 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
                     checkpoints.save(mngr, done, params, opt_state,
                                      {"step": done, "epoch": done / batches.steps_per_epoch})
                 if must_eval:
-                    bar.set_postfix_str(f"eval_loss={evaluate(done)['loss']:.4f}", refresh=False)
+                    progress.bar.set_postfix_str(f"eval_loss={evaluate(done)['loss']:.4f}", refresh=False)
                 progress.reset_clock()
             if preempted:  # every process stops here, after the same step
                 raise multihost.AgreedExit(f"{desc}: stopped by a signal after step {done}; checkpoint saved in "
@@ -286,7 +289,7 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
             progress.flush(pending)
     finally:
         stop.restore()
-        bar.close()
+        progress.bar.close()
         mngr.wait_until_finished()
         mngr.close()
         log.close()

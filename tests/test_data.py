@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from sftmix_jax.data import batching, sources, synthetic
+from sftmix_jax.data import batching, render, sources, synthetic
 
 EOS = "<|end|>"
 
@@ -152,11 +152,11 @@ def test_parquet_source(tok, tmp_path):
 
 def test_mask_turns_and_token_boundary():
     # prompt_0, full_0, prompt_1, full_1 as token ids.
-    ids, mask, prompt_len = sources.mask_turns([[1, 2], [1, 2, 3], [1, 2, 3, 4], [1, 2, 3, 4, 5, 6]])
+    ids, mask, prompt_len = render.mask_turns([[1, 2], [1, 2, 3], [1, 2, 3, 4], [1, 2, 3, 4, 5, 6]])
     assert ids.tolist() == [1, 2, 3, 4, 5, 6] and mask.tolist() == [0, 0, 1, 0, 1, 1]
     assert prompt_len == 4
-    with pytest.raises(sources.BadRow, match="token_boundary"):  # Response merged into prompt.
-        sources.mask_turns([[1, 2], [1, 7]])
+    with pytest.raises(render.BadRow, match="token_boundary"):  # Response merged into prompt.
+        render.mask_turns([[1, 2], [1, 7]])
 
 
 def test_template_refusing_a_row_is_counted(tok, tmp_path):

@@ -1,9 +1,5 @@
-"""Instruction data: load rows, render a prompt template, tokenize with a response mask.
-
-Rows (Alpaca, messages or ShareGPT) become a list of chat messages; the chat template (or
-the Stanford Alpaca prompt) renders them; the loss mask covers exactly the tokens of every
-assistant turn, found as token differences between renderings of conversation prefixes.
-Batching lives in batching.py.
+"""Instruction data: load rows (files or hub sets), turn them into tokenized Examples with a
+response mask (render.py renders and masks), split off the held-out set. Batching: batching.py.
 """
 
 from __future__ import annotations
@@ -12,7 +8,6 @@ import collections
 import dataclasses
 import json
 import os
-from typing import Sequence
 
 import ml_collections
 import numpy as np
@@ -20,6 +15,7 @@ from absl import logging
 from etils import epath
 
 from sftmix_jax.data import synthetic
+from sftmix_jax.data.render import _INVALID, BadRow, mask_turns, render, render_turns, row_to_messages
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -57,159 +53,6 @@ class Example:
 # Rows -> messages
 # ----------------------------------------------------------------------------------------
 
-class BadRow(Exception):
-    """A row that cannot become a training example; args[0] is the reason counted."""
-
-
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
-                   "assistant": "assistant", "system": "system"}
-_ROLES = ("system", "user", "assistant")
-
-
-def _get(row: dict, key: str, allow_none: bool = True):
-    # An absent column is often a wrong field name: name it. (datasets fills None for
-    # keys missing from some rows, so None is missing too where a value is required.)
-    if key not in row or (row[key] is None and not allow_none):
-        raise BadRow(f"missing_field:{key}")
-    return row[key]
-
-
-def _message(role, content) -> dict:
-    if role not in _ROLES:
-        raise BadRow("unknown_role")
-    if role == "assistant":
-        if not isinstance(content, str) or not content.strip():
-            raise BadRow("empty_response")
-    elif not isinstance(content, str):
-        raise BadRow("bad_field")
-    return {"role": role, "content": content}
-
-
-def row_to_messages(row: dict, fmt: str, fields) -> list[dict]:
-    """One row -> [{'role', 'content'}], ending at the last assistant turn; raises BadRow."""
-    if _INVALID in row:
-        raise BadRow("invalid_json")
-    if fmt == "alpaca":
-        instruction = _get(row, fields.instruction, allow_none=False)
-        inp = row.get(fields.input) or ""
-        if not isinstance(instruction, str) or not isinstance(inp, str):
-            raise BadRow("bad_field")
-        user = "\n\n".join(p for p in (instruction, inp) if p.strip())
-        if not user:
-            raise BadRow("empty_prompt")
-        # instruction/input ride along for the 'alpaca' template; the chat path drops them.
-        messages = [dict(_message("user", user), instruction=instruction, input=inp),
-                    _message("assistant", _get(row, fields.output))]
-    elif fmt in ("messages", "sharegpt"):
-        sharegpt = fmt == "sharegpt"
-        conv = _get(row, fields.conversations if sharegpt else fields.messages)
-        if conv is None or (isinstance(conv, (list, tuple)) and not conv):
-            raise BadRow("empty_conversation")
-        if not isinstance(conv, (list, tuple)) or not all(isinstance(m, dict) for m in conv):
-            raise BadRow("bad_field")
-        role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
-        messages = []
-        for m in conv:
-            role = m.get(role_key)
-            role = _SHAREGPT_ROLES.get(role, role) if sharegpt else role
-            messages.append(_message(role, m.get(content_key)))
-    else:
-        raise ValueError(f"data.format={fmt!r}; expected 'alpaca', 'messages' or 'sharegpt'")
-    last = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-    if last < 0:
-        raise BadRow("no_assistant_turn")
-    return messages[: last + 1]  # Trailing user turns carry no loss.
-
-
-# ----------------------------------------------------------------------------------------
-# Templates and the response mask
-# ----------------------------------------------------------------------------------------
-
-# Stanford Alpaca's prompts (tatsu-lab/stanford_alpaca train.py), with a newline after
-# "### Response:" as in alpaca-lora and most re-implementations.
-ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.")
-ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input "
-                         "that provides further context. "
-                         "Write a response that appropriately completes the request.")
-
-
-def render_alpaca(messages: Sequence[dict], eos_token: str, add_generation_prompt: bool) -> str:
-    """The Alpaca prompt; a chat repeats Instruction/Response blocks, EOS after each reply."""
-    first = next((m for m in messages if m["role"] == "user"), {})
-    if messages and messages[0]["role"] == "system":
-        text = messages[0]["content"]
-    else:
-        text = ALPACA_PREAMBLE_INPUT if first.get("input") else ALPACA_PREAMBLE
-    for m in messages:
-        if m["role"] == "user":
-            if "instruction" in m and m.get("input"):
-                text += f"\n\n### Instruction:\n{m['instruction']}\n\n### Input:\n{m['input']}"
-            else:
-                text += f"\n\n### Instruction:\n{m['content']}"
-        elif m["role"] == "assistant":
-            text += f"\n\n### Response:\n{m['content']}{eos_token}"
-    return text + ("\n\n### Response:\n" if add_generation_prompt else "")
-
-
-def _render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
-    if template == "alpaca":
-        return render_alpaca(messages, tokenizer.eos_token, add_generation_prompt)
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    try:
-        return tokenizer.apply_chat_template(
-            plain, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except Exception as e:  # Templates raise on roles/orders they refuse; count the row.
-        logging.log_first_n(logging.WARNING, "chat template refused a row: %s", 3, e)
-        raise BadRow("template_error") from e
-
-
-def render_turns(messages: list[dict], tokenizer, template: str) -> list[str]:
-    """[prompt_0, full_0, prompt_1, full_1, ...], one pair per assistant turn k.
-
-    prompt_k renders messages[:k] with the generation prompt, full_k renders messages[:k+1];
-    turn k's tokens are those of full_k beyond prompt_k. A template whose renderings are not
-    prefixes of one another (one that rewrites earlier turns) cannot be masked: raise.
-    """
-    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
-    texts = []
-    for k in turns:
-        texts += [_render(tokenizer, template, messages[:k], True),
-                  _render(tokenizer, template, messages[: k + 1], False)]
-    for j, text in enumerate(texts):
-        if not texts[-1].startswith(text) or (j % 2 and not text.startswith(texts[j - 1])):
-            raise ValueError(
-                f"the {template!r} template breaks the prefix property at assistant turn "
-                f"{j // 2} (it rewrites earlier turns?), so response tokens cannot be "
-                f"located; rendered prefix: {text[-200:]!r}")
-    return texts
-
-
-def mask_turns(encoded: list[list[int]], eos_id: int | None = None):
-    """Token ids of render_turns' texts -> (input_ids, loss_mask, prompt_len of the last turn).
-
-    A string prefix whose tokens are no prefix (a merge across the prompt/response boundary)
-    is this row's problem, not the template's: BadRow. eos_id: check each turn ends in it.
-    """
-    ids = encoded[-1]
-    mask_L = np.zeros(len(ids), np.int8)
-    end = 0
-    for prompt, full in zip(encoded[0::2], encoded[1::2]):
-        if not (end <= len(prompt) < len(full) and ids[: len(full)] == full
-                and full[: len(prompt)] == prompt):
-            raise BadRow("token_boundary")
-        if eos_id is not None and full[-1] != eos_id:
-            raise ValueError("the tokenizer does not encode its eos_token text as the EOS id")
-        mask_L[len(prompt): len(full)] = 1
-        end = len(full)
-    return np.asarray(ids, np.int32), mask_L, len(encoded[-2])
-
-
-# ----------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------
-
-_INVALID = "__invalid_json_line__"  # marks a JSONL line that did not parse: a counted bad row
 
 
 def _read_json(path: str) -> list[dict]:
@@ -267,12 +110,7 @@ def _row_ids(rows: list[dict], id_field: str, what: str) -> list[str]:
     return ids
 
 
-def _convert(rows, fmt, fields, tokenizer, cfg, what: str, stats: dict, chunk: int = 1024):
-    """Rows -> [Example or None per row], adding to stats; raises above max_bad_fraction.
-
-    Rows go in chunks: one tokenizer call per chunk lets the Rust tokenizer use every
-    core, and the chunk bounds the memory held by Python lists of token ids.
-    """
+def _check_render_settings(cfg, tokenizer) -> None:
     if cfg.overflow not in ("truncate", "drop"):
         raise ValueError(f"data.overflow={cfg.overflow!r}; expected 'truncate' or 'drop'")
     if cfg.template not in ("chat", "alpaca"):
@@ -281,55 +119,64 @@ def _convert(rows, fmt, fields, tokenizer, cfg, what: str, stats: dict, chunk: i
         raise ValueError("the tokenizer has no chat_template; set data.template='alpaca'")
     if cfg.template == "alpaca" and tokenizer.eos_token is None:
         raise ValueError("data.template='alpaca' needs a tokenizer with an eos_token")
+
+
+def _render_rows(rows, ids, fmt, fields, tokenizer, template) -> list:
+    """[(row, id, messages, texts)] per row; (row, id, None, [reason]) for a bad row."""
+    rendered = []
+    for row, rid in zip(rows, ids):
+        try:
+            messages = row_to_messages(row, fmt, fields)
+            rendered.append((row, rid, messages, render_turns(messages, tokenizer, template)))
+        except BadRow as e:
+            rendered.append((row, rid, None, list(e.args)))
+    return rendered
+
+
+def _example(row, rid, messages, token_lists, eos_id, cfg, stats):
+    """An Example, or None when the row is dropped as too long; raises BadRow."""
+    ids_L, mask_L, prompt_len = mask_turns(token_lists, eos_id)
+    prompt_ids = ids_L[:prompt_len].copy()  # Before any cut: generation needs it whole.
+    if len(ids_L) > cfg.max_length:
+        # A cut that leaves no response token leaves nothing to learn: drop the row.
+        if cfg.overflow == "drop" or not mask_L[: cfg.max_length].any():
+            stats["dropped_too_long"] += 1
+            return None
+        ids_L, mask_L = ids_L[: cfg.max_length], mask_L[: cfg.max_length]
+        stats["truncated"] += 1
+    task = row.get("task")
+    return Example(id=rid, input_ids=ids_L, loss_mask=mask_L, prompt_ids=prompt_ids, answer=messages[-1]["content"],
+                   task=task if isinstance(task, str) else None)
+
+
+def _convert(rows, fmt, fields, tokenizer, cfg, what: str, stats: dict, chunk: int = 1024):
+    """Rows -> [Example or None per row], adding to stats; raises above max_bad_fraction.
+
+    Rows go in chunks: one tokenizer call per chunk lets the Rust tokenizer use every
+    core, and the chunk bounds the memory held by Python lists of token ids.
+    """
+    _check_render_settings(cfg, tokenizer)
     eos_id = tokenizer.eos_token_id if cfg.template == "alpaca" else None
     ids = _row_ids(rows, fields.id, what)
     bad, bad_ids, out = collections.Counter(), collections.defaultdict(list), []
-
-    def skip(rid, reason):
-        bad[reason] += 1
-        if len(bad_ids[reason]) < 5:
-            bad_ids[reason].append(rid)
-        out.append(None)
-
     for start in range(0, len(rows), chunk):
-        rendered = []  # (row, id, messages, texts), or (row, id, None, [reason]) for a bad row
-        for row, rid in zip(rows[start: start + chunk], ids[start: start + chunk]):
-            try:
-                messages = row_to_messages(row, fmt, fields)
-                texts = render_turns(messages, tokenizer, cfg.template)
-                rendered.append((row, rid, messages, texts))
-            except BadRow as e:
-                rendered.append((row, rid, None, list(e.args)))
+        rendered = _render_rows(rows[start: start + chunk], ids[start: start + chunk], fmt, fields, tokenizer, cfg.template)
         flat = [t for _, _, m, texts in rendered if m is not None for t in texts]
         # Chat templates write their own BOS; the Alpaca text relies on the tokenizer's.
-        encoded = iter(tokenizer(flat, add_special_tokens=cfg.template == "alpaca")["input_ids"]
-                       if flat else [])
+        encoded = iter(tokenizer(flat, add_special_tokens=cfg.template == "alpaca")["input_ids"] if flat else [])
         for row, rid, messages, texts in rendered:
-            if messages is None:
-                skip(rid, texts[0])
-                continue
             try:
-                ids_L, mask_L, prompt_len = mask_turns([next(encoded) for _ in texts], eos_id)
+                if messages is None:
+                    raise BadRow(texts[0])
+                out.append(_example(row, rid, messages, [next(encoded) for _ in texts], eos_id, cfg, stats))
             except BadRow as e:
-                skip(rid, e.args[0])
-                continue
-            prompt_ids = ids_L[:prompt_len].copy()  # Before any cut: generation needs it whole.
-            if len(ids_L) > cfg.max_length:
-                # A cut that leaves no response token leaves nothing to learn: drop the row.
-                if cfg.overflow == "drop" or not mask_L[: cfg.max_length].any():
-                    stats["dropped_too_long"] += 1
-                    out.append(None)
-                    continue
-                ids_L, mask_L = ids_L[: cfg.max_length], mask_L[: cfg.max_length]
-                stats["truncated"] += 1
-            task = row.get("task")
-            out.append(Example(id=rid, input_ids=ids_L, loss_mask=mask_L, prompt_ids=prompt_ids,
-                               answer=messages[-1]["content"],
-                               task=task if isinstance(task, str) else None))
+                bad[e.args[0]] += 1
+                if len(bad_ids[e.args[0]]) < 5:
+                    bad_ids[e.args[0]].append(rid)
+                out.append(None)
     n_bad = sum(bad.values())
     if n_bad:
-        logging.warning("%s: skipped %d of %d rows: %s; first ids %s",
-                        what, n_bad, len(rows), dict(bad), dict(bad_ids))
+        logging.warning("%s: skipped %d of %d rows: %s; first ids %s", what, n_bad, len(rows), dict(bad), dict(bad_ids))
     if rows and n_bad / len(rows) > cfg.max_bad_fraction:
         raise ValueError(f"{what}: {n_bad} of {len(rows)} rows are bad "
                          f"(> data.max_bad_fraction={cfg.max_bad_fraction}): reasons "
@@ -344,7 +191,7 @@ def _convert(rows, fmt, fields, tokenizer, cfg, what: str, stats: dict, chunk: i
 def check_template_fits(cfg, tokenizer) -> None:
     """Refuse a max_length that the prompt template alone fills: every row would be dropped."""
     minimal = [dict(role="user", content="x", instruction="x", input=""), dict(role="assistant", content="y")]
-    n = len(tokenizer(_render(tokenizer, cfg.template, minimal, False), add_special_tokens=cfg.template == "alpaca")["input_ids"])
+    n = len(tokenizer(render(tokenizer, cfg.template, minimal, False), add_special_tokens=cfg.template == "alpaca")["input_ids"])
     if n >= cfg.max_length:
         raise ValueError(f"config.data.max_length={cfg.max_length} is too short: the {cfg.template!r} template "
                          f"alone takes {n} tokens for a one-character instruction and answer")

@@ -18,6 +18,7 @@ from absl import logging
 from etils import epath
 
 from sftmix_jax.data import sources
+from sftmix_jax.data.render import render_alpaca
 from sftmix_jax.scoring import example_nll
 
 LETTERS = string.ascii_uppercase
@@ -142,7 +143,7 @@ def render(q: Question, tokenizer, template: str, lettered: bool) -> tuple[str, 
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
                                                add_generation_prompt=True)
     elif template == "alpaca":
-        prompt = sources.render_alpaca([{"role": "user", "content": body}], tokenizer.eos_token, True)
+        prompt = render_alpaca([{"role": "user", "content": body}], tokenizer.eos_token, True)
     elif template == "plain":
         prompt, answers = body + "\nAnswer:", [" " + a for a in answers]
     else:
