@@ -1,6 +1,6 @@
 """SFTMix losses: next-token prediction (NTP) and the response-aligned Mixup regulariser.
 
-Shape suffixes: B batch rows, L sequence, D hidden, V vocab, K = B/2 pairs, N aligned slots.
+Shape letters (sftmix_jax/__init__.py): M = B/2 pairs, A aligned response slots, R batch shards.
 Batch contract: targets_BL[b, t] is the token position t predicts; weights_BL is 1.0 exactly on
 response targets (prompts/padding 0). Pairs are adjacent rows: pair k = (row 2k confident,
 row 2k+1 unconfident), so any contiguous split of the batch (hosts, devices, micro-batches)
@@ -77,10 +77,10 @@ def ntp_loss(h_BLD, head: Head, targets_BL, weights_BL, chunk: int | None = None
     if isinstance(head, LinearHead):
         count = jnp.sum(weights_BL.astype(jnp.float32))
         scale = jax.lax.stop_gradient(1.0 / jnp.maximum(count, 1.0))
-        h_GTD, weights_GT, targets_GT, active = responses_first(h_BLD, weights_BL, targets_BL)
-        rows = h_GTD.shape[1] // h_BLD.shape[1]
-        loss, _ = fused_head_loss(_ntp_piece, head.vd, head.dtype, chunk and rows * chunk, h_GTD, head.w,
-                                  (targets_GT, weights_GT), (scale,), active)
+        h_RTD, weights_RT, targets_RT, active = responses_first(h_BLD, weights_BL, targets_BL)
+        rows = h_RTD.shape[1] // h_BLD.shape[1]
+        loss, _ = fused_head_loss(_ntp_piece, head.vd, head.dtype, chunk and rows * chunk, h_RTD, head.w,
+                                  (targets_RT, weights_RT), (scale,), active)
         return loss, {"ntp_loss": loss, "tokens": count}
     total, count = weighted_nll_sum(h_BLD, head, targets_BL, weights_BL, chunk)
     loss = total / jnp.maximum(count, 1.0)
@@ -88,86 +88,86 @@ def ntp_loss(h_BLD, head: Head, targets_BL, weights_BL, chunk: int | None = None
 
 
 def responses_first(h_BLD, weights_BL, *xs_BL):
-    """Each batch shard's rows as one row of T = (B/G) L tokens, its response tokens first, in order.
+    """Each batch shard's rows as one row of T = (B/R) L tokens, its response tokens first, in order.
 
-    Returns (h_GTD, weights_GT, *xs_GT, active): `active` = the most response tokens of any shard,
+    Returns (h_RTD, weights_RT, *xs_RT, active): `active` = the most response tokens of any shard,
     so the fused head runs on those only (chunks past it are skipped). permute_rows' gradient
-    puts dh back in place. G = the mesh's batch shards: no token leaves its device.
+    puts dh back in place. R = the mesh's batch shards: no token leaves its device.
     """
     B, L = weights_BL.shape
-    G = batch_shards()
-    G = G if B % G == 0 else B
-    flat = lambda x: x.reshape(G, B // G * L, *x.shape[2:])  # noqa: E731
-    idx_GT, count_G, _ = response_order(flat(weights_BL))
-    rest = [jnp.take_along_axis(flat(x), idx_GT, axis=1) for x in (weights_BL, *xs_BL)]
-    return permute_rows(flat(h_BLD), idx_GT), *rest, jnp.max(count_G)
+    R = batch_shards()
+    R = R if B % R == 0 else B
+    flat = lambda x: x.reshape(R, B // R * L, *x.shape[2:])  # noqa: E731
+    idx_RT, count_R, _ = response_order(flat(weights_BL))
+    rest = [jnp.take_along_axis(flat(x), idx_RT, axis=1) for x in (weights_BL, *xs_BL)]
+    return permute_rows(flat(h_BLD), idx_RT), *rest, jnp.max(count_R)
 
 
-def _row_nll_piece(logits_GcV, xs, consts, rows):
+def _row_nll_piece(logits_RcV, xs, consts, rows):
     targets, weights, row = xs
     # where(), not a product: a NaN at a padding position must not reach its row's sum
-    nll_Gc = jnp.where(weights > 0, weights * cross_entropy(logits_GcV, targets), 0.0)
-    return jnp.sum(nll_Gc), jnp.einsum("Gc,Gcr->Gr", nll_Gc, jax.nn.one_hot(row, rows, dtype=nll_Gc.dtype))
+    nll_Rc = jnp.where(weights > 0, weights * cross_entropy(logits_RcV, targets), 0.0)
+    return jnp.sum(nll_Rc), jnp.einsum("Rc,Rcr->Rr", nll_Rc, jax.nn.one_hot(row, rows, dtype=nll_Rc.dtype))
 
 
 def response_nll(h_BLD, head: LinearHead, targets_BL, weights_BL):
     """Per-row sum of weights * NLL [B], forward only: the head on response tokens only, fused."""
     B, L, _ = h_BLD.shape
     row_BL = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, L))
-    h_GTD, weights_GT, targets_GT, row_GT, active = responses_first(h_BLD, weights_BL, targets_BL, row_BL)
-    rows = h_GTD.shape[1] // L  # rows per shard
+    h_RTD, weights_RT, targets_RT, row_RT, active = responses_first(h_BLD, weights_BL, targets_BL, row_BL)
+    rows = h_RTD.shape[1] // L  # rows per shard
     piece = functools.partial(_row_nll_piece, rows=rows)
-    _, nll_Gr = fused_head_loss(piece, head.vd, head.dtype, None, h_GTD, head.w,
-                                (targets_GT, weights_GT, row_GT % rows), (), active)
-    return nll_Gr.reshape(B)
+    _, nll_Rr = fused_head_loss(piece, head.vd, head.dtype, None, h_RTD, head.w,
+                                (targets_RT, weights_RT, row_RT % rows), (), active)
+    return nll_Rr.reshape(B)
 
 
 def response_order(weights_BL, max_tokens: int | None = None):
-    """(idx_BL, count_B, N): each row's positions with its response positions first, in order.
+    """(idx_BL, count_B, A): each row's positions with its response positions first, in order.
 
     A stable argsort of (not-response) keeps the response positions in their original order, so
     multi-turn responses concatenate in order. count_B: response tokens per row, clipped to
-    N = max_tokens or L (responses longer than N are truncated).
+    A = max_tokens or L (responses longer than A are truncated).
     """
     L = weights_BL.shape[1]
-    N = L if max_tokens is None else int(max_tokens)
-    if not 0 < N <= L:
+    A = L if max_tokens is None else int(max_tokens)
+    if not 0 < A <= L:
         raise ValueError(f"max_tokens must be in [1, L={L}], got {max_tokens}")
     is_resp_BL = weights_BL > 0
     idx_BL = jnp.argsort(jnp.logical_not(is_resp_BL).astype(jnp.int32), axis=1, stable=True)
-    return idx_BL, jnp.minimum(jnp.sum(is_resp_BL, axis=1, dtype=jnp.int32), N), N
+    return idx_BL, jnp.minimum(jnp.sum(is_resp_BL, axis=1, dtype=jnp.int32), A), A
 
 
 def align_responses(h_BLD, targets_BL, weights_BL, max_tokens: int | None = None):
     """Left-align each row's response positions: slot n holds the row's n-th weighted position.
 
-    Returns (h_BND, targets_BN, count_B) in `response_order`. Slots n >= count_B[b] hold
+    Returns (h_BAD, targets_BA, count_B) in `response_order`. Slots n >= count_B[b] hold
     prompt/padding junk; callers mask them with count_B.
     """
-    idx_BL, count_B, N = response_order(weights_BL, max_tokens)
-    idx_BN = idx_BL[:, :N]
-    h_BND = jnp.take_along_axis(h_BLD, idx_BN[:, :, None], axis=1)
-    targets_BN = jnp.take_along_axis(targets_BL, idx_BN, axis=1)
-    return h_BND, targets_BN, count_B
+    idx_BL, count_B, A = response_order(weights_BL, max_tokens)
+    idx_BA = idx_BL[:, :A]
+    h_BAD = jnp.take_along_axis(h_BLD, idx_BA[:, :, None], axis=1)
+    targets_BA = jnp.take_along_axis(targets_BL, idx_BA, axis=1)
+    return h_BAD, targets_BA, count_B
 
 
-def pair_slots(count_B, N: int):
-    """(valid_KN, count): pair k mixes its aligned slots n < M_k = min(count_c, count_u)."""
-    M_K = jnp.minimum(count_B[0::2], count_B[1::2])
-    return (jnp.arange(N)[None, :] < M_K[:, None]).astype(jnp.float32), jnp.sum(M_K).astype(jnp.float32)
+def pair_slots(count_B, A: int):
+    """(valid_MA, count): pair k mixes its aligned slots n < m_k = min(count_c, count_u)."""
+    shared_M = jnp.minimum(count_B[0::2], count_B[1::2])
+    return (jnp.arange(A)[None, :] < shared_M[:, None]).astype(jnp.float32), jnp.sum(shared_M).astype(jnp.float32)
 
 
-def mix_pairs(logits_BNV, lam_K):
-    """lam_k * logits[2k] + (1 - lam_k) * logits[2k+1] -> [K, N, V], in float32 at least.
+def mix_pairs(logits_BAV, lam_M):
+    """lam_k * logits[2k] + (1 - lam_k) * logits[2k+1] -> [M, A, V], in float32 at least.
 
-    Weighted over a [K, 2, N, V] pair axis: its gradient is one broadcast multiply, where the
-    strided row slices [0::2] / [1::2] would each pad back to full [B, N, V] and be added.
+    Weighted over a [M, 2, A, V] pair axis: its gradient is one broadcast multiply, where the
+    strided row slices [0::2] / [1::2] would each pad back to full [B, A, V] and be added.
     """
-    K = lam_K.shape[0]
-    acc = jnp.promote_types(logits_BNV.dtype, jnp.float32)
-    lam_K2 = jnp.stack([lam_K, 1.0 - lam_K], axis=1)
-    logits_K2NV = logits_BNV.reshape(K, 2, *logits_BNV.shape[1:]).astype(acc)
-    return jnp.einsum("KSNV,KS->KNV", logits_K2NV, lam_K2, precision=jax.lax.Precision.HIGHEST)
+    M = lam_M.shape[0]
+    acc = jnp.promote_types(logits_BAV.dtype, jnp.float32)
+    lam_M2 = jnp.stack([lam_M, 1.0 - lam_M], axis=1)
+    logits_M2AV = logits_BAV.reshape(M, 2, *logits_BAV.shape[1:]).astype(acc)
+    return jnp.einsum("MsAV,Ms->MAV", logits_M2AV, lam_M2, precision=jax.lax.Precision.HIGHEST)
 
 
 @jax.custom_vjp
@@ -198,53 +198,53 @@ def _num_pairs(B: int) -> int:
     return B // 2
 
 
-def mixup_loss(h_BLD, head: Head, targets_BL, weights_BL, lam_K,
+def mixup_loss(h_BLD, head: Head, targets_BL, weights_BL, lam_M,
                max_tokens: int | None = None, chunk: int | None = None):
     """Response-aligned Mixup: CE(W z~, lam*y_c + (1-lam)*y_u) averaged over aligned tokens.
 
-    z~ = lam*h_c + (1-lam)*h_u on slots n < M_k = min(count_c, count_u); the longer response is
-    truncated, prompts and padding never mix. Logits only exist for the K*N aligned slots.
+    z~ = lam*h_c + (1-lam)*h_u on slots n < m_k = min(count_c, count_u); the longer response is
+    truncated, prompts and padding never mix. Logits only exist for the M*A aligned slots.
     """
-    K = _num_pairs(h_BLD.shape[0])
-    lam_K = jnp.broadcast_to(jnp.asarray(lam_K, jnp.float32), (K,))
-    h_BND, y_BN, count_B = align_responses(h_BLD, targets_BL, weights_BL, max_tokens)
-    valid_KN, count = pair_slots(count_B, h_BND.shape[1])
-    lam_K11 = lam_K[:, None, None]
+    M = _num_pairs(h_BLD.shape[0])
+    lam_M = jnp.broadcast_to(jnp.asarray(lam_M, jnp.float32), (M,))
+    h_BAD, y_BA, count_B = align_responses(h_BLD, targets_BL, weights_BL, max_tokens)
+    valid_MA, count = pair_slots(count_B, h_BAD.shape[1])
+    lam_M11 = lam_M[:, None, None]
     # Mix in float32 (at least), then back to the activation dtype so the head sees what it expects.
-    acc = jnp.promote_types(h_BND.dtype, jnp.float32)
-    z_KND = (lam_K11 * h_BND[0::2].astype(acc) + (1.0 - lam_K11) * h_BND[1::2].astype(acc)).astype(h_BLD.dtype)
-    # Soft-label CE is linear in the label: lam*CE(y_c) + (1-lam)*CE(y_u), masked to n < M_k.
-    w_c_KN = lam_K[:, None] * valid_KN
-    w_u_KN = (1.0 - lam_K[:, None]) * valid_KN
-    total = _chunked_ce_sum(z_KND, head, [y_BN[0::2], y_BN[1::2]], [w_c_KN, w_u_KN], chunk)
+    acc = jnp.promote_types(h_BAD.dtype, jnp.float32)
+    z_MAD = (lam_M11 * h_BAD[0::2].astype(acc) + (1.0 - lam_M11) * h_BAD[1::2].astype(acc)).astype(h_BLD.dtype)
+    # Soft-label CE is linear in the label: lam*CE(y_c) + (1-lam)*CE(y_u), masked to n < m_k.
+    w_c_KN = lam_M[:, None] * valid_MA
+    w_u_KN = (1.0 - lam_M[:, None]) * valid_MA
+    total = _chunked_ce_sum(z_MAD, head, [y_BA[0::2], y_BA[1::2]], [w_c_KN, w_u_KN], chunk)
     loss = total / jnp.maximum(count, 1.0)
     return loss, {"mixup_loss": loss, "mixup_tokens": count}
 
 
-def mixup_loss_from_logits(logits_BLV, targets_BL, weights_BL, lam_K, max_tokens: int | None = None):
+def mixup_loss_from_logits(logits_BLV, targets_BL, weights_BL, lam_M, max_tokens: int | None = None):
     """mixup_loss from the batch's logits: the head is linear, so W z~ = lam*W h_c + (1-lam)*W h_u.
 
     Mixing the already computed logits of the two rows gives the logits of the mixed hidden
     state without a second head matmul (the costliest part of Mixup at a large vocabulary);
     gradients are the same, since the gather and the mix are linear too.
     """
-    K = _num_pairs(logits_BLV.shape[0])
-    lam_K = jnp.broadcast_to(jnp.asarray(lam_K, jnp.float32), (K,))
-    # response_order applied as a full permutation of L (cheap gradient), then cut to N
-    idx_BL, count_B, N = response_order(weights_BL, max_tokens)
-    logits_BNV = permute_rows(logits_BLV, idx_BL)[:, :N]
-    y_BN = jnp.take_along_axis(targets_BL, idx_BL, axis=1)[:, :N]
-    valid_KN, count = pair_slots(count_B, N)
-    mixed_KNV = mix_pairs(logits_BNV, lam_K)
-    lam_K1 = lam_K[:, None]
-    total = (jnp.sum(lam_K1 * valid_KN * cross_entropy(mixed_KNV, y_BN[0::2]))
-             + jnp.sum((1.0 - lam_K1) * valid_KN * cross_entropy(mixed_KNV, y_BN[1::2])))
+    M = _num_pairs(logits_BLV.shape[0])
+    lam_M = jnp.broadcast_to(jnp.asarray(lam_M, jnp.float32), (M,))
+    # response_order applied as a full permutation of L (cheap gradient), then cut to A
+    idx_BL, count_B, A = response_order(weights_BL, max_tokens)
+    logits_BAV = permute_rows(logits_BLV, idx_BL)[:, :A]
+    y_BA = jnp.take_along_axis(targets_BL, idx_BL, axis=1)[:, :A]
+    valid_MA, count = pair_slots(count_B, A)
+    mixed_MAV = mix_pairs(logits_BAV, lam_M)
+    lam_M1 = lam_M[:, None]
+    total = (jnp.sum(lam_M1 * valid_MA * cross_entropy(mixed_MAV, y_BA[0::2]))
+             + jnp.sum((1.0 - lam_M1) * valid_MA * cross_entropy(mixed_MAV, y_BA[1::2])))
     loss = total / jnp.maximum(count, 1.0)
     return loss, {"mixup_loss": loss, "mixup_tokens": count}
 
 
 def sample_lambda(rng, alpha: float, num_pairs: int, per_pair: bool = False) -> jax.Array:
-    """lam ~ Beta(alpha, alpha): one draw per pair, or one per batch broadcast to [K]."""
+    """lam ~ Beta(alpha, alpha): one draw per pair, or one per batch broadcast to [M]."""
     shape = (num_pairs,) if per_pair else ()
     lam = jax.random.beta(rng, alpha, alpha, shape, dtype=jnp.float32)
     return jnp.broadcast_to(lam, (num_pairs,))
@@ -254,31 +254,31 @@ def sftmix_loss(h_BLD, head: Head, targets_BL, weights_BL, rng, *, mu: float = 0
                 alpha: float = 0.5, per_pair: bool = False, ntp: bool = True,
                 max_tokens: int | None = None, chunk: int | None = None):
     """Total SFTMix loss = NTP (all B rows; skipped when ntp=False, "Mixup only") + mu * Mixup."""
-    K = _num_pairs(h_BLD.shape[0])
-    lam_K = jax.lax.stop_gradient(sample_lambda(rng, alpha, K, per_pair))
+    M = _num_pairs(h_BLD.shape[0])
+    lam_M = jax.lax.stop_gradient(sample_lambda(rng, alpha, M, per_pair))
     if isinstance(head, LinearHead):
-        return _fused_sftmix_loss(h_BLD, head, targets_BL, weights_BL, lam_K, mu, ntp, max_tokens, chunk)
+        return _fused_sftmix_loss(h_BLD, head, targets_BL, weights_BL, lam_M, mu, ntp, max_tokens, chunk)
     if chunk is None:  # one head call: NTP and Mixup both read the batch's logits
         logits_BLV = head(h_BLD)
-        mix, aux = mixup_loss_from_logits(logits_BLV, targets_BL, weights_BL, lam_K, max_tokens)
+        mix, aux = mixup_loss_from_logits(logits_BLV, targets_BL, weights_BL, lam_M, max_tokens)
         ntp_fn = lambda: ntp_loss(logits_BLV, lambda x: x, targets_BL, weights_BL)  # noqa: E731
     else:  # chunked: never all logits at once, so Mixup runs the head on the mixed states
-        mix, aux = mixup_loss(h_BLD, head, targets_BL, weights_BL, lam_K, max_tokens, chunk)
+        mix, aux = mixup_loss(h_BLD, head, targets_BL, weights_BL, lam_M, max_tokens, chunk)
         ntp_fn = lambda: ntp_loss(h_BLD, head, targets_BL, weights_BL, chunk)  # noqa: E731
     loss = mu * mix
     if ntp:
         ntp_val, ntp_aux = ntp_fn()
         loss = loss + ntp_val
         aux = {**aux, **ntp_aux}
-    return loss, {**aux, "lambda_mean": jnp.mean(lam_K), "loss": loss}
+    return loss, {**aux, "lambda_mean": jnp.mean(lam_M), "loss": loss}
 
 
 def _sftmix_piece(logits_BcV, xs, consts, ntp=True):
     """One chunk of left-aligned positions: NTP over every row + Mixup of each pair's logits."""
-    (targets_Bc, weights_Bc, valid_Kc), (lam_K, ntp_scale, mix_scale) = xs, consts
-    mixed_KcV = mix_pairs(logits_BcV, lam_K)
-    lam_K1 = lam_K[:, None]
-    mix = ce_sum(mixed_KcV, (targets_Bc[0::2], targets_Bc[1::2]), (lam_K1 * valid_Kc, (1.0 - lam_K1) * valid_Kc))
+    (targets_Bc, weights_Bc, valid_Mc), (lam_M, ntp_scale, mix_scale) = xs, consts
+    mixed_McV = mix_pairs(logits_BcV, lam_M)
+    lam_M1 = lam_M[:, None]
+    mix = ce_sum(mixed_McV, (targets_Bc[0::2], targets_Bc[1::2]), (lam_M1 * valid_Mc, (1.0 - lam_M1) * valid_Mc))
     nll = ce_sum(logits_BcV, (targets_Bc,), (weights_Bc,)) if ntp else jnp.zeros((), jnp.float32)
     return ntp_scale * nll + mix_scale * mix, (nll, mix)
 
@@ -287,7 +287,7 @@ def _mixup_only_piece(logits_BcV, xs, consts):
     return _sftmix_piece(logits_BcV, xs, consts, ntp=False)
 
 
-def _fused_sftmix_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, lam_K, mu, ntp, max_tokens, chunk):
+def _fused_sftmix_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, lam_M, mu, ntp, max_tokens, chunk):
     """sftmix_loss with the head fused: positions left-aligned per row (responses first, as
     align_responses), so pair k's aligned slot n sits at the same position in both rows and a
     chunk of positions holds both the NTP and the Mixup terms of its logits."""
@@ -296,18 +296,18 @@ def _fused_sftmix_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, lam_K, m
     h_perm = permute_rows(h_BLD, idx_BL)
     targets_perm = jnp.take_along_axis(targets_BL, idx_BL, axis=1)
     weights_perm = jnp.take_along_axis(weights_BL, idx_BL, axis=1)
-    valid_KL, mix_count = pair_slots(count_B, L)
+    valid_ML, mix_count = pair_slots(count_B, L)
     tokens = jnp.sum(weights_BL.astype(jnp.float32))
     scales = jax.lax.stop_gradient((1.0 / jnp.maximum(tokens, 1.0) if ntp else 0.0, mu / jnp.maximum(mix_count, 1.0)))
     piece = _sftmix_piece if ntp else _mixup_only_piece
     active = jnp.max(jnp.sum(weights_BL > 0, axis=1))  # positions past every row's responses: skipped
     loss, (nll, mix) = fused_head_loss(piece, head.vd, head.dtype, chunk, h_perm, head.w,
-                                       (targets_perm, weights_perm, valid_KL), (lam_K, *scales), active)
+                                       (targets_perm, weights_perm, valid_ML), (lam_M, *scales), active)
     mixup = mix / jnp.maximum(mix_count, 1.0)
     aux = {"mixup_loss": mixup, "mixup_tokens": mix_count}
     if ntp:
         aux = {**aux, "ntp_loss": nll / jnp.maximum(tokens, 1.0), "tokens": tokens}
-    return loss, {**aux, "lambda_mean": jnp.mean(lam_K), "loss": loss}
+    return loss, {**aux, "lambda_mean": jnp.mean(lam_M), "loss": loss}
 
 
 # ----------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ class _Batches:
         self.lengths = np.array([len(e.input_ids) for e in examples], np.int64)
         # One shape beyond the buckets: the longest example rounded up to a multiple of 64.
         self.fallback = -(-int(self.lengths.max(initial=1)) // 64) * 64
-        self._cached = None  # (epoch, rows_SB)
+        self._cached = None  # (epoch, rows_IB)
 
     def epoch_rows(self, epoch: int) -> np.ndarray:
         """Global rows [steps_per_epoch, batch_size] of one epoch."""
@@ -139,28 +139,28 @@ class PairedBatches(_Batches):
         return min(len(h) for h in self.halves) // (self.batch_size // 2)
 
     def _epoch_rows(self, epoch: int) -> np.ndarray:
-        S, B = self.steps_per_epoch, self.batch_size
-        n = S * B // 2  # pairs this epoch
-        c_N, u_N = (h[np.random.default_rng([self.seed, epoch, which]).permutation(len(h))[:n]]
+        I, B = self.steps_per_epoch, self.batch_size
+        n = I * B // 2  # pairs this epoch
+        c_M, u_M = (h[np.random.default_rng([self.seed, epoch, which]).permutation(len(h))[:n]]
                     for which, h in enumerate(self.halves))
         if self.pairing == "length":
-            window_N = np.arange(n) // self.pair_window
-            c_N, u_N = (x[np.lexsort((self.response_lengths[x], window_N))] for x in (c_N, u_N))
-            shuffle_N = np.random.default_rng([self.seed, epoch, 2]).permutation(n)
-            c_N, u_N = c_N[shuffle_N], u_N[shuffle_N]
-        return np.stack([c_N, u_N], 1).reshape(S, B)  # c0 u0 c1 u1 ...
+            window_M = np.arange(n) // self.pair_window
+            c_M, u_M = (x[np.lexsort((self.response_lengths[x], window_M))] for x in (c_M, u_M))
+            shuffle_M = np.random.default_rng([self.seed, epoch, 2]).permutation(n)
+            c_M, u_M = c_M[shuffle_M], u_M[shuffle_M]
+        return np.stack([c_M, u_M], 1).reshape(I, B)  # c0 u0 c1 u1 ...
 
 
 def padding_report(batches: _Batches, max_length: int) -> dict:
     """Pad tokens / all tokens over one epoch of global batches: every row padded to
     max_length vs our length buckets (each process pads its slice to the global length)."""
-    rows_SB = batches.epoch_rows(0)
-    lengths_SB = batches.lengths[rows_SB]
-    tokens = int(lengths_SB.sum())
-    padded_S = [pad_length(int(n), batches.buckets, batches.fallback) for n in lengths_SB.max(1)]
+    rows_IB = batches.epoch_rows(0)
+    lengths_IB = batches.lengths[rows_IB]
+    tokens = int(lengths_IB.sum())
+    padded_I = [pad_length(int(n), batches.buckets, batches.fallback) for n in lengths_IB.max(1)]
     return {"tokens": tokens,
-            "pad_fraction_max_length": round(1 - tokens / (rows_SB.size * max_length), 4),
-            "pad_fraction_buckets": round(1 - tokens / (sum(padded_S) * rows_SB.shape[1]), 4)}
+            "pad_fraction_max_length": round(1 - tokens / (rows_IB.size * max_length), 4),
+            "pad_fraction_buckets": round(1 - tokens / (sum(padded_I) * rows_IB.shape[1]), 4)}
 
 
 def eval_batches(examples: Sequence[Example], batch_size: int, buckets: Sequence[int],

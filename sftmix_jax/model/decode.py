@@ -36,17 +36,17 @@ def _generate(graphdef, state, ids_BP, mask_BP, rng, temperature, top_p, *, max_
     h_BPD, cache = model.hidden(ids_BP, mask_BS, pos_BP, cache, 0)
     rng, key = jax.random.split(rng)
     tok_B = _sample(model.head(h_BPD[:, -1]), key, temperature, top_p)
-    out_BT = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(tok_B)
+    out_BO = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(tok_B)
 
     def step(i, carry):
-        tok_B, cache, out_BT, rng = carry
+        tok_B, cache, out_BO, rng = carry
         pos_B1 = (pos_BP[:, -1] + i)[:, None]
         h_B1D, cache = model.hidden(tok_B[:, None], mask_BS, pos_B1, cache, P + i - 1)
         rng, key = jax.random.split(rng)
         tok_B = _sample(model.head(h_B1D[:, 0]), key, temperature, top_p)
-        return tok_B, cache, out_BT.at[:, i].set(tok_B), rng
+        return tok_B, cache, out_BO.at[:, i].set(tok_B), rng
 
-    return jax.lax.fori_loop(1, max_new_tokens, step, (tok_B, cache, out_BT, rng))[2]
+    return jax.lax.fori_loop(1, max_new_tokens, step, (tok_B, cache, out_BO, rng))[2]
 
 
 def generate(model, prompts, max_new_tokens, eos_id=None, pad_id=0, temperature=0.0, top_p=1.0,

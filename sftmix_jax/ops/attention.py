@@ -65,11 +65,11 @@ def _causal_blocks_fwd(q_BKGLH, k_BKLH, v_BKLH, scale, block):
     acc = jnp.promote_types(q_BKGLH.dtype, jnp.float32)
     outs, probs = [], []
     for start, end in _blocks(q_BKGLH.shape[3], block):
-        s_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGLH[:, :, :, start:end], k_BKLH[:, :, :end]).astype(acc) * scale
-        allowed_TS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
-        p_BKGTS = jax.nn.softmax(jnp.where(allowed_TS, s_BKGTS, jnp.finfo(acc).min), axis=-1).astype(v_BKLH.dtype)
-        outs.append(jnp.einsum("BKGTS,BKSH->BKGTH", p_BKGTS, v_BKLH[:, :, :end]))
-        probs.append(p_BKGTS)
+        s_BKGQS = jnp.einsum("BKGQH,BKSH->BKGQS", q_BKGLH[:, :, :, start:end], k_BKLH[:, :, :end]).astype(acc) * scale
+        allowed_QS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+        p_BKGQS = jax.nn.softmax(jnp.where(allowed_QS, s_BKGQS, jnp.finfo(acc).min), axis=-1).astype(v_BKLH.dtype)
+        outs.append(jnp.einsum("BKGQS,BKSH->BKGQH", p_BKGQS, v_BKLH[:, :, :end]))
+        probs.append(p_BKGQS)
     o_BKGLH = jnp.concatenate(outs, axis=3)
     return o_BKGLH, (q_BKGLH, k_BKLH, v_BKLH, o_BKGLH, probs)
 
@@ -82,14 +82,14 @@ def _causal_blocks_bwd(scale, block, res, do_BKGLH):
     delta_BKGL1 = jnp.sum(do_BKGLH.astype(acc) * o_BKGLH.astype(acc), axis=-1, keepdims=True)
     dk_BKLH, dv_BKLH = jnp.zeros(k_BKLH.shape, acc), jnp.zeros(v_BKLH.shape, acc)
     dqs = []
-    for (start, end), p_BKGTS in zip(_blocks(q_BKGLH.shape[3], block), probs):
-        do_BKGTH = do_BKGLH[:, :, :, start:end]
-        dv_BKLH = dv_BKLH.at[:, :, :end].add(jnp.einsum("BKGTS,BKGTH->BKSH", p_BKGTS, do_BKGTH).astype(acc))
-        dp_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", do_BKGTH, v_BKLH[:, :, :end]).astype(acc)
-        ds_BKGTS = (p_BKGTS * (dp_BKGTS - delta_BKGL1[:, :, :, start:end]) * scale).astype(q_BKGLH.dtype)
-        dqs.append(jnp.einsum("BKGTS,BKSH->BKGTH", ds_BKGTS, k_BKLH[:, :, :end]))
+    for (start, end), p_BKGQS in zip(_blocks(q_BKGLH.shape[3], block), probs):
+        do_BKGQH = do_BKGLH[:, :, :, start:end]
+        dv_BKLH = dv_BKLH.at[:, :, :end].add(jnp.einsum("BKGQS,BKGQH->BKSH", p_BKGQS, do_BKGQH).astype(acc))
+        dp_BKGQS = jnp.einsum("BKGQH,BKSH->BKGQS", do_BKGQH, v_BKLH[:, :, :end]).astype(acc)
+        ds_BKGQS = (p_BKGQS * (dp_BKGQS - delta_BKGL1[:, :, :, start:end]) * scale).astype(q_BKGLH.dtype)
+        dqs.append(jnp.einsum("BKGQS,BKSH->BKGQH", ds_BKGQS, k_BKLH[:, :, :end]))
         dk_BKLH = dk_BKLH.at[:, :, :end].add(
-            jnp.einsum("BKGTS,BKGTH->BKSH", ds_BKGTS, q_BKGLH[:, :, :, start:end]).astype(acc))
+            jnp.einsum("BKGQS,BKGQH->BKSH", ds_BKGQS, q_BKGLH[:, :, :, start:end]).astype(acc))
     return jnp.concatenate(dqs, axis=3), dk_BKLH.astype(k_BKLH.dtype), dv_BKLH.astype(v_BKLH.dtype)
 
 

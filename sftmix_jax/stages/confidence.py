@@ -79,25 +79,25 @@ def run(run) -> dict:
         model = lora.apply(hf.load_model(model_cfg, seed=c.seed, mesh=run.mesh), c.lora, c.seed, run.mesh)
     else:  # checkpoints hold every parameter: no weights to load
         model = abstract_model(hf.model_config(model_cfg))
-    perp_CN = replay(os.path.join(run.stage_dir("reference"), "checkpoints"), steps, train_ex,
+    perp_CE = replay(os.path.join(run.stage_dir("reference"), "checkpoints"), steps, train_ex,
                      model, c.confidence.batch_size, c.data.buckets, run.pad_id, out, run.mesh)
-    conf_N, var_N = -perp_CN.mean(0), perp_CN.std(0)
-    confident, unconfident, dropped = median_split(conf_N)
+    conf_E, var_E = -perp_CE.mean(0), perp_CE.std(0)
+    confident, unconfident, dropped = median_split(conf_E)
     split = np.full(len(train_ex), "", object)
     split[confident], split[unconfident], split[dropped] = "confident", "unconfident", "dropped"
     if len(dropped):
         logging.info("odd number of examples: dropped the median example %s", train_ex[dropped[0]].id)
     if multihost.is_leader():  # read by the sftmix stage after mark_done's barrier
-        rows = [json.dumps({"id": ex.id, "perplexity": perp_CN[:, i].tolist(), "confidence": float(conf_N[i]),
-                            "variability": float(var_N[i]), "split": split[i]}) + "\n" for i, ex in enumerate(train_ex)]
+        rows = [json.dumps({"id": ex.id, "perplexity": perp_CE[:, i].tolist(), "confidence": float(conf_E[i]),
+                            "variability": float(var_E[i]), "split": split[i]}) + "\n" for i, ex in enumerate(train_ex)]
         tmp = epath.Path(out, "scores.jsonl.tmp")
         tmp.write_text("".join(rows))
         tmp.replace(epath.Path(out, "scores.jsonl"))
-        data_map(conf_N, var_N, split, os.path.join(out, "data_map.png"), steps)
+        data_map(conf_E, var_E, split, os.path.join(out, "data_map.png"), steps)
     summary = {
         "checkpoint_steps": steps,
-        "confident": {"n": len(confident), "confidence": [float(conf_N[confident].min()), float(conf_N[confident].max())]},
-        "unconfident": {"n": len(unconfident), "confidence": [float(conf_N[unconfident].min()), float(conf_N[unconfident].max())]},
+        "confident": {"n": len(confident), "confidence": [float(conf_E[confident].min()), float(conf_E[confident].max())]},
+        "unconfident": {"n": len(unconfident), "confidence": [float(conf_E[unconfident].min()), float(conf_E[unconfident].max())]},
         "dropped": [train_ex[i].id for i in dropped],
     }
     logging.info("confidence split: %s", summary)
