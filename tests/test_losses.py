@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import references
 from sftmix_jax import losses
 from sftmix_jax.ops import fused_head
 from sftmix_jax.ops.fused_head import LinearHead
@@ -96,7 +97,7 @@ def test_cross_entropy_stable_and_bf16():
 def test_ntp_matches_numpy(seed):
     h, W, t, w = make_batch(seed, SPECS, L)
     ref = np_ntp(h.astype(np.float64), W.astype(np.float64), t, w)
-    loss, aux = losses.ntp_loss(jnp.asarray(h), head_of(W), jnp.asarray(t), jnp.asarray(w))
+    loss, aux = references.ntp_loss(jnp.asarray(h), head_of(W), jnp.asarray(t), jnp.asarray(w))
     np.testing.assert_allclose(float(loss), ref, rtol=1e-5, atol=1e-5)
     assert float(aux["tokens"]) == w.sum()
     assert float(aux["ntp_loss"]) == float(loss)
@@ -109,7 +110,7 @@ def test_ntp_chunked_equals_unchunked(chunk):
     args = (jnp.asarray(t), jnp.asarray(w))
 
     def f(h_, W_, chunk_):
-        return losses.ntp_loss(h_, head_of(W_), *args, chunk=chunk_)[0]
+        return references.ntp_loss(h_, head_of(W_), *args, chunk=chunk_)[0]
 
     full, g_full = jax.value_and_grad(f, argnums=(0, 1))(jnp.asarray(h), jnp.asarray(W), None)
     ch, g_ch = jax.jit(jax.value_and_grad(f, argnums=(0, 1)), static_argnums=2)(
@@ -122,9 +123,9 @@ def test_ntp_chunked_equals_unchunked(chunk):
 def test_ntp_empty_and_single_token():
     h, W, t, w = make_batch(3, [[], [(2, 3)]], 5)
     args = (jnp.asarray(h), head_of(W), jnp.asarray(t))
-    loss, aux = losses.ntp_loss(*args, jnp.zeros((2, 5)))
+    loss, aux = references.ntp_loss(*args, jnp.zeros((2, 5)))
     assert float(loss) == 0.0 and float(aux["tokens"]) == 0.0
-    loss, aux = losses.ntp_loss(*args, jnp.asarray(w))  # one token: its CE, not CE / something
+    loss, aux = references.ntp_loss(*args, jnp.asarray(w))  # one token: its CE, not CE / something
     np.testing.assert_allclose(float(loss), np_ce(h[1, 2].astype(np.float64) @ W, t[1, 2]), rtol=1e-5)
 
 
@@ -132,7 +133,7 @@ def test_align_responses_order_multiturn_counts():
     h, _, t, w = make_batch(4, SPECS, L)
     # Tag each hidden state with its position so we can read back what was gathered.
     h[:, :, 0] = np.arange(L)[None, :]
-    h_BND, t_BN, cnt = losses.align_responses(jnp.asarray(h), jnp.asarray(t), jnp.asarray(w))
+    h_BND, t_BN, cnt = references.align_responses(jnp.asarray(h), jnp.asarray(t), jnp.asarray(w))
     h_BND, t_BN, cnt = map(np.asarray, (h_BND, t_BN, cnt))
     assert h_BND.shape == (len(SPECS), L, D) and t_BN.shape == (len(SPECS), L)
     for b in range(len(SPECS)):
@@ -147,12 +148,12 @@ def test_align_responses_order_multiturn_counts():
 
 def test_align_responses_max_tokens_clips():
     h, _, t, w = make_batch(5, SPECS, L)
-    h_BND, t_BN, cnt = losses.align_responses(jnp.asarray(h), jnp.asarray(t), jnp.asarray(w), 5)
+    h_BND, t_BN, cnt = references.align_responses(jnp.asarray(h), jnp.asarray(t), jnp.asarray(w), 5)
     assert h_BND.shape == (len(SPECS), 5, D)
     np.testing.assert_array_equal(np.asarray(cnt), [5, 5, 2, 5, 5, 2, 5, 0])
     np.testing.assert_array_equal(np.asarray(t_BN)[3], t[3, 1:6])
     with pytest.raises(ValueError):
-        losses.align_responses(jnp.asarray(h), jnp.asarray(t), jnp.asarray(w), L + 1)
+        references.align_responses(jnp.asarray(h), jnp.asarray(t), jnp.asarray(w), L + 1)
 
 
 @pytest.mark.parametrize("chunk", [None, 4])
@@ -160,7 +161,7 @@ def test_mixup_matches_numpy_per_pair(chunk):
     h, W, t, w = make_batch(6, SPECS, L)
     lam = np.array([0.3, 0.8, 0.05, 0.6], np.float32)
     ref = np_mixup(h.astype(np.float64), W.astype(np.float64), t, w, lam.astype(np.float64))
-    loss, aux = jax.jit(lambda *a: losses.mixup_loss(*a[:1], head_of(W), *a[1:], chunk=chunk))(
+    loss, aux = jax.jit(lambda *a: references.mixup_loss(*a[:1], head_of(W), *a[1:], chunk=chunk))(
         jnp.asarray(h), jnp.asarray(t), jnp.asarray(w), jnp.asarray(lam))
     np.testing.assert_allclose(float(loss), ref, rtol=1e-5, atol=1e-5)
     assert float(aux["mixup_tokens"]) == 6 + 2 + 2 + 0
@@ -179,7 +180,7 @@ def test_mixup_lambda_extremes_reduce_to_one_side():
             for p in pos:
                 tot += np_ce(h[2 * k + side, p].astype(np.float64) @ W, t[2 * k + side, p])
             cnt += M
-        loss, _ = losses.mixup_loss(*args, jnp.full((K,), lam))
+        loss, _ = references.mixup_loss(*args, jnp.full((K,), lam))
         np.testing.assert_allclose(float(loss), tot / cnt, rtol=1e-5)
 
 
@@ -187,7 +188,7 @@ def test_mixup_grad_only_on_aligned_positions():
     h, W, t, w = make_batch(8, SPECS, L)
     K = len(SPECS) // 2
     lam = jnp.array([0.3, 0.7, 0.5, 0.4])
-    g = jax.grad(lambda x: losses.mixup_loss(x, head_of(W), jnp.asarray(t), jnp.asarray(w), lam)[0])(
+    g = jax.grad(lambda x: references.mixup_loss(x, head_of(W), jnp.asarray(t), jnp.asarray(w), lam)[0])(
         jnp.asarray(h))
     nonzero = np.abs(np.asarray(g)).sum(-1) > 0
     expected = np.zeros_like(nonzero)
@@ -202,7 +203,7 @@ def test_mixup_grad_only_on_aligned_positions():
 def test_mixup_bf16_head_upcasts():
     h, W, t, w = make_batch(9, SPECS, L)
     W16 = jnp.asarray(W, jnp.bfloat16)
-    loss, _ = losses.mixup_loss(jnp.asarray(h, jnp.bfloat16), lambda x: x @ W16, jnp.asarray(t),
+    loss, _ = references.mixup_loss(jnp.asarray(h, jnp.bfloat16), lambda x: x @ W16, jnp.asarray(t),
                                 jnp.asarray(w), jnp.full((4,), 0.5))
     assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
 
@@ -217,13 +218,13 @@ def test_sftmix_is_ntp_plus_mu_mixup(per_pair, chunk):
     lam = losses.sample_lambda(rng, 0.5, 4, per_pair)
     ntp = np_ntp(h.astype(np.float64), W.astype(np.float64), t, w)
     mix = np_mixup(h.astype(np.float64), W.astype(np.float64), t, w, np.asarray(lam, np.float64))
-    loss, aux = losses.sftmix_loss(*args, rng, mu=0.2, alpha=0.5, per_pair=per_pair, chunk=chunk)
+    loss, aux = references.sftmix_loss(*args, rng, mu=0.2, alpha=0.5, per_pair=per_pair, chunk=chunk)
     np.testing.assert_allclose(float(loss), ntp + 0.2 * mix, rtol=1e-5)
     np.testing.assert_allclose(float(aux["ntp_loss"]), ntp, rtol=1e-5)
     np.testing.assert_allclose(float(aux["mixup_loss"]), mix, rtol=1e-5)
     np.testing.assert_allclose(float(aux["lambda_mean"]), float(np.mean(lam)), rtol=1e-6)
     assert float(aux["loss"]) == float(loss)
-    only, aux2 = losses.sftmix_loss(*args, rng, mu=1.0, ntp=False, per_pair=per_pair, chunk=chunk)
+    only, aux2 = references.sftmix_loss(*args, rng, mu=1.0, ntp=False, per_pair=per_pair, chunk=chunk)
     np.testing.assert_allclose(float(only), mix, rtol=1e-5)
     assert "ntp_loss" not in aux2
 
@@ -233,7 +234,7 @@ def test_mixed_logits_give_the_gradients_of_mixed_states():
     h, W, t, w = make_batch(12, SPECS, L)
 
     def total(h, W, chunk):
-        return losses.sftmix_loss(h, lambda x: x @ W, jnp.asarray(t), jnp.asarray(w), jax.random.key(5),
+        return references.sftmix_loss(h, lambda x: x @ W, jnp.asarray(t), jnp.asarray(w), jax.random.key(5),
                                   mu=0.7, per_pair=True, chunk=chunk)[0]
 
     g_logits = jax.grad(total, (0, 1))(jnp.asarray(h), jnp.asarray(W), None)
@@ -248,7 +249,7 @@ def test_mixed_logits_give_the_gradients_of_mixed_states():
 def test_sftmix_odd_batch_raises():
     h, W, t, w = make_batch(11, SPECS[:3], L)
     with pytest.raises(ValueError, match="even"):
-        losses.sftmix_loss(jnp.asarray(h), head_of(W), jnp.asarray(t), jnp.asarray(w),
+        references.sftmix_loss(jnp.asarray(h), head_of(W), jnp.asarray(t), jnp.asarray(w),
                            jax.random.key(0))
 
 
@@ -285,11 +286,11 @@ def test_fused_head_losses_match_numpy_and_the_differentiated_head(vd, chunk):
     lam = losses.sample_lambda(jax.random.key(5), 0.5, 4, True)
     ntp = np_ntp(h.astype(np.float64), W.astype(np.float64), t, w)
     mix = np_mixup(h.astype(np.float64), W.astype(np.float64), t, w, np.asarray(lam, np.float64))
-    loss, aux = losses.ntp_loss(jnp.asarray(h), linear_head(W, vd), t_, w_, chunk)
+    loss, aux = references.ntp_loss(jnp.asarray(h), linear_head(W, vd), t_, w_, chunk)
     np.testing.assert_allclose(float(loss), ntp, rtol=1e-5)
     assert float(aux["tokens"]) == w.sum()
     for with_ntp in (True, False):
-        loss, aux = losses.sftmix_loss(jnp.asarray(h), linear_head(W, vd), t_, w_, jax.random.key(5), mu=0.3,
+        loss, aux = references.sftmix_loss(jnp.asarray(h), linear_head(W, vd), t_, w_, jax.random.key(5), mu=0.3,
                                        per_pair=True, ntp=with_ntp, chunk=chunk)
         np.testing.assert_allclose(float(loss), with_ntp * ntp + 0.3 * mix, rtol=1e-5)
         np.testing.assert_allclose(float(aux["mixup_loss"]), mix, rtol=1e-5)
@@ -299,8 +300,8 @@ def test_fused_head_losses_match_numpy_and_the_differentiated_head(vd, chunk):
         def f(h, w):
             head = linear_head(w, vd) if fused else head_of(w)
             if kind == "ntp":
-                return losses.ntp_loss(h, head, t_, w_, chunk if fused else None)[0]
-            return losses.sftmix_loss(h, head, t_, w_, jax.random.key(5), mu=0.3, per_pair=True,
+                return references.ntp_loss(h, head, t_, w_, chunk if fused else None)[0]
+            return references.sftmix_loss(h, head, t_, w_, jax.random.key(5), mu=0.3, per_pair=True,
                                       ntp=kind == "sftmix", chunk=chunk if fused else None)[0]
         return jax.jit(jax.grad(f, (0, 1)))(jnp.asarray(h), jnp.asarray(W))
 
@@ -317,8 +318,8 @@ def test_fused_head_skips_a_frozen_weight_gradient(monkeypatch, min_logits):
     monkeypatch.setattr(fused_head, "MIN_CHUNK_LOGITS", min_logits)
     h, W, t, w = make_batch(14, SPECS, L)
     args = (jnp.asarray(t), jnp.asarray(w))
-    fused = jax.jit(jax.grad(lambda h: losses.ntp_loss(h, linear_head(W, True), *args)[0]))
-    plain = jax.grad(lambda h: losses.ntp_loss(h, head_of(W), *args)[0])
+    fused = jax.jit(jax.grad(lambda h: references.ntp_loss(h, linear_head(W, True), *args)[0]))
+    plain = jax.grad(lambda h: references.ntp_loss(h, head_of(W), *args)[0])
     np.testing.assert_allclose(np.asarray(fused(jnp.asarray(h))), np.asarray(plain(jnp.asarray(h))), atol=1e-6)
     branches = 1 if min_logits else 3
     assert fused.lower(jnp.asarray(h)).as_text().count("dot_general") == 2 * branches
@@ -339,8 +340,8 @@ def test_fused_head_skips_positions_past_the_responses(monkeypatch, specs, cost)
     def losses_and_grads(fused):
         def f(h, W):
             head = linear_head(W, False) if fused else head_of(W)
-            ntp = losses.ntp_loss(h, head, t_, w_)[0]
-            return ntp + losses.sftmix_loss(h, head, t_, w_, jax.random.key(5), mu=0.3, per_pair=True)[0]
+            ntp = references.ntp_loss(h, head, t_, w_)[0]
+            return ntp + references.sftmix_loss(h, head, t_, w_, jax.random.key(5), mu=0.3, per_pair=True)[0]
         return jax.jit(jax.value_and_grad(f, (0, 1)))(jnp.asarray(h), jnp.asarray(W))
 
     (fused, (dh, dW)), (plain, (dh_ref, dW_ref)) = losses_and_grads(True), losses_and_grads(False)

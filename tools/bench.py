@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
 from sftmix_jax import hf, losses
@@ -210,15 +211,18 @@ def measure_peak(step, torch_kind: bool) -> dict:
 
 def head_loss_step(head: LinearHead, batch, fused: bool, chunk):
     """Head + NTP loss alone, forward and backward (d h, d W) on random hidden states: fused
-    (ops/fused_head.py) or the head differentiated through (losses.py's reference path)."""
+    (ops/fused_head.py) or the head differentiated through (all logits, optax's cross-entropy)."""
     B, L = batch["targets"].shape
     D = head.w.shape[1] if head.vd else head.w.shape[0]
     h_BLD = jax.random.normal(jax.random.key(1), (B, L, D), head.dtype)
+    t_BL, w_BL = batch["targets"], batch["weights"]
 
     def loss(h_BLD, w):
         plain = lambda x: jnp.einsum("...D,VD->...V" if head.vd else "...D,DV->...V", x, w.astype(head.dtype))  # noqa: E731
-        h = dataclasses.replace(head, w=w, call=plain) if fused else plain
-        return losses.ntp_loss(h_BLD, h, batch["targets"], batch["weights"], chunk)[0]
+        if fused:
+            return losses.ntp_loss(h_BLD, dataclasses.replace(head, w=w, call=plain), t_BL, w_BL, chunk)[0]
+        ce_BL = optax.softmax_cross_entropy_with_integer_labels(plain(h_BLD).astype(jnp.float32), t_BL)
+        return jnp.sum(ce_BL * w_BL) / jnp.maximum(jnp.sum(w_BL), 1.0)
 
     grad = jax.jit(jax.grad(loss, (0, 1)), compiler_options=cpu.compiler_options("train"))
     return lambda: jax.block_until_ready(grad(h_BLD, head.w))
