@@ -4,7 +4,8 @@
 # Each run has its own time limit, most important first, so a slow one cannot starve the rest.
 # The PyTorch comparison runs with JAX allocating on demand, so both fit on the GPU.
 set -uo pipefail
-out=${1:-gpu_check}
+out=$(realpath -m "${1:-gpu_check}")
+cd "$(dirname "$0")/.."  # the repository root: tools/bench.py, tests/
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 py=${PYTHON:-python3}
@@ -22,8 +23,8 @@ run() {  # name, limit in s, command...
 }
 
 run test_gpu 150 env JAX_PLATFORMS=cuda "$py" -m pytest -q -s -p no:cacheprovider tests/test_gpu.py
-b=("$py" -m sftmix_jax.bench --shape llama1b --dtype bfloat16 --batch 4 --seq 2048 --steps 5 --rounds 2)
+b=("$py" tools/bench.py --shape llama1b --dtype bfloat16 --batch 4 --seq 2048 --steps 5 --rounds 2)
 run llama1b 240 "${b[@]}" --json "$out/llama1b.json"
 run llama1b_xla_attention 120 "${b[@]}" --kinds ntp --attention xla --json "$out/llama1b_xla.json"
-run smollm2_torch 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false "$py" -m sftmix_jax.bench --shape smollm2 --dtype bfloat16 --batch 16 --seq 1024 --kinds ntp,sftmix \
+run smollm2_torch 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false "$py" tools/bench.py --shape smollm2 --dtype bfloat16 --batch 16 --seq 1024 --kinds ntp,sftmix \
   --torch --steps 5 --rounds 2 --json "$out/smollm2_torch.json"
