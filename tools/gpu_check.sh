@@ -5,7 +5,7 @@
 # The PyTorch comparison runs with JAX allocating on demand, so both fit on the GPU.
 set -uo pipefail
 out=$(realpath -m "${1:-gpu_check}")
-cd "$(dirname "$0")/.."  # the repository root: tools/bench.py, tests/
+cd "$(dirname "$0")/.." || exit  # the repository root: tools/bench.py, tests/
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 py=${PYTHON:-python3}
