@@ -19,7 +19,9 @@ from sftmix_jax.ops.fused_head import LinearHead
 from sftmix_jax.model.llama import abstract_model
 from sftmix_jax import trainer
 
-MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
+# (data, fsdp, tensor): each axis alone or with the others; (2, 4, 1) added nothing (2, 2, 2) and
+# (1, 4, 2) do not cover, for 16 s of the suite.
+MESHES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]
 
 
 @pytest.fixture(scope="module")
