@@ -30,15 +30,17 @@ def _ntp_piece(logits_BcV, xs, consts):
     return scale * total, total
 
 
-def ntp_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, chunk: int | None = None):
+def ntp_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, chunk: int | None = None, total=None):
     """Token-mean NLL over all response tokens of the batch (plain SFT loss).
 
     The head runs fused with the loss (ops/fused_head.py), on the response tokens only
     (`responses_first`); `chunk` bounds the live logits. (tests/references.py: the same loss with
-    the head differentiated through, the reference this one is tested against.)
+    the head differentiated through, the reference this one is tested against.) total: the whole
+    batch's response tokens when this is one micro-batch of it (the sum over micro-batches is
+    then the batch's token mean).
     """
     count = jnp.sum(weights_BL.astype(jnp.float32))
-    scale = jax.lax.stop_gradient(1.0 / jnp.maximum(count, 1.0))
+    scale = jax.lax.stop_gradient(1.0 / jnp.maximum(count if total is None else total, 1.0))
     h_RTD, weights_RT, targets_RT, active = responses_first(h_BLD, weights_BL, targets_BL)
     rows = h_RTD.shape[1] // h_BLD.shape[1]
     loss, _ = fused_head_loss(_ntp_piece, head.vd, head.dtype, chunk and rows * chunk, h_RTD, head.w,
@@ -153,12 +155,28 @@ def sample_lambda(rng, alpha: float, num_pairs: int, per_pair: bool = False) -> 
 
 def sftmix_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, rng, *, mu: float = 0.2,
                 alpha: float = 0.5, per_pair: bool = False, ntp: bool = True,
-                max_tokens: int | None = None, chunk: int | None = None):
+                max_tokens: int | None = None, chunk: int | None = None, whole=None):
     """Total SFTMix loss = NTP (all B rows; skipped when ntp=False, "Mixup only") + mu * Mixup,
-    the head fused (tests/references.py: the same with the head differentiated through)."""
+    the head fused (tests/references.py: the same with the head differentiated through).
+
+    whole: `sftmix_whole_batch` of the batch this one is a micro-batch of: its token counts and
+    this micro-batch's share of its lambdas, so that the micro-batch losses sum to the batch's.
+    """
     M = _num_pairs(h_BLD.shape[0])
-    lam_M = jax.lax.stop_gradient(sample_lambda(rng, alpha, M, per_pair))
-    return _fused_sftmix_loss(h_BLD, head, targets_BL, weights_BL, lam_M, mu, ntp, max_tokens, chunk)
+    if whole is None:
+        lam_M = jax.lax.stop_gradient(sample_lambda(rng, alpha, M, per_pair))
+        return _fused_sftmix_loss(h_BLD, head, targets_BL, weights_BL, lam_M, mu, ntp, max_tokens, chunk)
+    return _fused_sftmix_loss(h_BLD, head, targets_BL, weights_BL, whole["lam_M"], mu, ntp, max_tokens, chunk,
+                              (whole["tokens"], whole["mix_tokens"]))
+
+
+def sftmix_whole_batch(weights_BL, rng, alpha: float, per_pair: bool, max_tokens: int | None = None) -> dict:
+    """What a micro-batch's SFTMix loss needs from its whole batch: response tokens, aligned Mixup
+    slots, and one lambda per pair drawn once for the batch (as sftmix_loss draws them)."""
+    _, count_B, _ = response_order(weights_BL, max_tokens)
+    _, mix_tokens = pair_slots(count_B, weights_BL.shape[1])
+    lam_M = jax.lax.stop_gradient(sample_lambda(rng, alpha, _num_pairs(weights_BL.shape[0]), per_pair))
+    return {"tokens": jnp.sum(weights_BL.astype(jnp.float32)), "mix_tokens": mix_tokens, "lam_M": lam_M}
 
 
 def _sftmix_piece(logits_BcV, xs, consts, ntp=True):
@@ -175,7 +193,8 @@ def _mixup_only_piece(logits_BcV, xs, consts):
     return _sftmix_piece(logits_BcV, xs, consts, ntp=False)
 
 
-def _fused_sftmix_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, lam_M, mu, ntp, max_tokens, chunk):
+def _fused_sftmix_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, lam_M, mu, ntp, max_tokens, chunk,
+                       totals=None):
     """sftmix_loss with the head fused: positions left-aligned per row (responses first, as
     align_responses), so pair k's aligned slot n sits at the same position in both rows and a
     chunk of positions holds both the NTP and the Mixup terms of its logits."""
@@ -186,32 +205,39 @@ def _fused_sftmix_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, lam_M, m
     weights_perm = jnp.take_along_axis(weights_BL, idx_BL, axis=1)
     valid_ML, mix_count = pair_slots(count_B, L)
     tokens = jnp.sum(weights_BL.astype(jnp.float32))
-    scales = jax.lax.stop_gradient((1.0 / jnp.maximum(tokens, 1.0) if ntp else 0.0, mu / jnp.maximum(mix_count, 1.0)))
+    tokens_n, mix_n = (tokens, mix_count) if totals is None else totals  # normalizers: this batch or the whole
+    scales = jax.lax.stop_gradient((1.0 / jnp.maximum(tokens_n, 1.0) if ntp else 0.0, mu / jnp.maximum(mix_n, 1.0)))
     piece = _sftmix_piece if ntp else _mixup_only_piece
     active = jnp.max(jnp.sum(weights_BL > 0, axis=1))  # positions past every row's responses: skipped
     loss, (nll, mix) = fused_head_loss(piece, head.vd, head.dtype, chunk, h_perm, head.w,
                                        (targets_perm, weights_perm, valid_ML), (lam_M, *scales), active)
-    mixup = mix / jnp.maximum(mix_count, 1.0)
+    mixup = mix / jnp.maximum(mix_n, 1.0)
     aux = {"mixup_loss": mixup, "mixup_tokens": mix_count}
     if ntp:
-        aux = {**aux, "ntp_loss": nll / jnp.maximum(tokens, 1.0), "tokens": tokens}
+        aux = {**aux, "ntp_loss": nll / jnp.maximum(tokens_n, 1.0), "tokens": tokens}
     return loss, {**aux, "lambda_mean": jnp.mean(lam_M), "loss": loss}
 
 
 # ----------------------------------------------------------------------------------------
-# The losses as the train step takes them: fn(model, batch, rng) -> (loss, aux)
+# The losses as the train step takes them: fn(model, batch, rng, whole=None) -> (loss, aux), and
+# fn.whole(batch, rng): what a micro-batch's loss needs from its batch (gradient accumulation)
 # ----------------------------------------------------------------------------------------
 def ntp_loss_fn(chunk=None):
-    def fn(model, batch, rng):
+    def fn(model, batch, rng, whole=None):
         del rng
         h_BLD = model.hidden(batch["input_ids"])  # right-padded: the causal mask suffices
-        return ntp_loss(h_BLD, model.linear_head(), batch["targets"], batch["weights"], chunk)
+        return ntp_loss(h_BLD, model.linear_head(), batch["targets"], batch["weights"], chunk,
+                        None if whole is None else whole["tokens"])
+
+    fn.whole = lambda batch, rng: {"tokens": jnp.sum(batch["weights"].astype(jnp.float32))}
     return fn
 
 
 def sftmix_loss_fn(mu, alpha, per_pair, ntp=True, chunk=None):
-    def fn(model, batch, rng):
+    def fn(model, batch, rng, whole=None):
         h_BLD = model.hidden(batch["input_ids"])
         return sftmix_loss(h_BLD, model.linear_head(), batch["targets"], batch["weights"], rng,
-                                  mu=mu, alpha=alpha, per_pair=per_pair, ntp=ntp, chunk=chunk)
+                           mu=mu, alpha=alpha, per_pair=per_pair, ntp=ntp, chunk=chunk, whole=whole)
+
+    fn.whole = lambda batch, rng: sftmix_whole_batch(batch["weights"], rng, alpha, per_pair)
     return fn

@@ -52,6 +52,36 @@ def split_micro(batch, accum: int):
     return jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
 
+def _accumulate(grad_fn, loss_fn, params, frozen, batch, rng, accum: int):
+    """(loss, aux, grads) of the batch from `accum` micro-batches in a scan (one gradient live).
+
+    As SFTMIX.md defines the loss: a token mean over the whole batch and one lambda per batch (per
+    pair, drawn once for the batch). `loss_fn.whole(batch, rng)` gives each micro-batch those
+    normalizers and its share of the lambdas, so micro-batch losses, gradients and counts add up
+    to the batch's; `lambda_mean` is averaged. A loss without `.whole`: the micro-batch mean.
+    """
+    micro = split_micro(batch, accum)
+    whole = loss_fn.whole(batch, rng) if hasattr(loss_fn, "whole") else None
+    per_pair = {k: v.reshape(accum, -1) for k, v in (whole or {}).items() if k == "lam_M"}
+
+    def body(acc, xs):
+        mb, i, shares = xs
+        if whole is None:
+            (loss, aux), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i))
+        else:
+            (loss, aux), g = grad_fn(params, frozen, mb, rng, {**whole, **shares})
+        return jax.tree.map(jnp.add, acc, (g, loss, aux)), None
+
+    first = jax.tree.map(lambda x: x[0], (micro, per_pair))
+    (loss_s, aux_s), g_s = jax.eval_shape(grad_fn, params, frozen, first[0], rng,
+                                          None if whole is None else {**whole, **first[1]})
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g_s, loss_s, aux_s))
+    (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum), per_pair))
+    if whole is None:
+        return jax.tree.map(lambda x: x / accum, (loss, aux, grads))
+    return loss, {k: v / accum if k == "lambda_mean" else v for k, v in aux.items()}, grads
+
+
 def make_train_step(graphdef, tx, loss_fn, accum: int = 1, shardings=None, skip_nonfinite=False):
     """step(params, opt_state, batch, rng, frozen=None) -> (params, opt_state, metrics), jitted, donating.
 
@@ -62,26 +92,17 @@ def make_train_step(graphdef, tx, loss_fn, accum: int = 1, shardings=None, skip_
     (metrics["skipped"] = 1) instead of poisoning the parameters.
     """
 
-    def loss_of(params, frozen, batch, rng):
-        return loss_fn(nnx.merge(graphdef, params, frozen), batch, rng)
+    def loss_of(params, frozen, batch, rng, whole=None):
+        model = nnx.merge(graphdef, params, frozen)
+        return loss_fn(model, batch, rng) if whole is None else loss_fn(model, batch, rng, whole)
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
     def step(params, opt_state, batch, rng, frozen):
         if accum == 1:
             (loss, aux), grads = grad_fn(params, frozen, batch, rng)
-        else:  # gradient accumulation: mean of the micro-batch gradients (scan keeps one live)
-            micro = split_micro(batch, accum)
-
-            def body(acc, xs):
-                mb, i = xs
-                (loss, aux), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, acc, (g, loss, aux)), None
-
-            (loss_s, aux_s), g_s = jax.eval_shape(grad_fn, params, frozen, jax.tree.map(lambda x: x[0], micro), rng)
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g_s, loss_s, aux_s))
-            (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
-            grads, loss, aux = jax.tree.map(lambda x: x / accum, (grads, loss, aux))
+        else:
+            loss, aux, grads = _accumulate(grad_fn, loss_fn, params, frozen, batch, rng, accum)
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         grad_norm = optax.global_norm(grads)
