@@ -159,24 +159,23 @@ def sftmix_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, rng, *, mu: flo
     """Total SFTMix loss = NTP (all B rows; skipped when ntp=False, "Mixup only") + mu * Mixup,
     the head fused (tests/references.py: the same with the head differentiated through).
 
-    whole: `sftmix_whole_batch` of the batch this one is a micro-batch of: its token counts and
-    this micro-batch's share of its lambdas, so that the micro-batch losses sum to the batch's.
+    whole: `sftmix_whole_batch` of the batch this one is a micro-batch of (its counts, and this
+    micro-batch's share of its lambdas), so that micro-batch losses and metrics add up to the
+    batch's; None: this batch is the whole one.
     """
-    M = _num_pairs(h_BLD.shape[0])
     if whole is None:
-        lam_M = jax.lax.stop_gradient(sample_lambda(rng, alpha, M, per_pair))
-        return _fused_sftmix_loss(h_BLD, head, targets_BL, weights_BL, lam_M, mu, ntp, max_tokens, chunk)
-    return _fused_sftmix_loss(h_BLD, head, targets_BL, weights_BL, whole["lam_M"], mu, ntp, max_tokens, chunk,
-                              (whole["tokens"], whole["mix_tokens"]))
+        whole = sftmix_whole_batch(weights_BL, rng, alpha, per_pair, max_tokens)
+    return _fused_sftmix_loss(h_BLD, head, targets_BL, weights_BL, mu, ntp, max_tokens, chunk, whole)
 
 
 def sftmix_whole_batch(weights_BL, rng, alpha: float, per_pair: bool, max_tokens: int | None = None) -> dict:
-    """What a micro-batch's SFTMix loss needs from its whole batch: response tokens, aligned Mixup
-    slots, and one lambda per pair drawn once for the batch (as sftmix_loss draws them)."""
+    """What SFTMix's loss needs from the whole batch: response tokens, aligned Mixup slots, pairs,
+    and one lambda per pair [M], drawn once for the batch."""
+    M = _num_pairs(weights_BL.shape[0])
     _, count_B, _ = response_order(weights_BL, max_tokens)
     _, mix_tokens = pair_slots(count_B, weights_BL.shape[1])
-    lam_M = jax.lax.stop_gradient(sample_lambda(rng, alpha, _num_pairs(weights_BL.shape[0]), per_pair))
-    return {"tokens": jnp.sum(weights_BL.astype(jnp.float32)), "mix_tokens": mix_tokens, "lam_M": lam_M}
+    return {"tokens": jnp.sum(weights_BL.astype(jnp.float32)), "mix_tokens": mix_tokens, "pairs": jnp.float32(M),
+            "lam_M": jax.lax.stop_gradient(sample_lambda(rng, alpha, M, per_pair))}
 
 
 def _sftmix_piece(logits_BcV, xs, consts, ntp=True):
@@ -193,8 +192,7 @@ def _mixup_only_piece(logits_BcV, xs, consts):
     return _sftmix_piece(logits_BcV, xs, consts, ntp=False)
 
 
-def _fused_sftmix_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, lam_M, mu, ntp, max_tokens, chunk,
-                       totals=None):
+def _fused_sftmix_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, mu, ntp, max_tokens, chunk, whole):
     """sftmix_loss with the head fused: positions left-aligned per row (responses first, as
     align_responses), so pair k's aligned slot n sits at the same position in both rows and a
     chunk of positions holds both the NTP and the Mixup terms of its logits."""
@@ -205,7 +203,7 @@ def _fused_sftmix_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, lam_M, m
     weights_perm = jnp.take_along_axis(weights_BL, idx_BL, axis=1)
     valid_ML, mix_count = pair_slots(count_B, L)
     tokens = jnp.sum(weights_BL.astype(jnp.float32))
-    tokens_n, mix_n = (tokens, mix_count) if totals is None else totals  # normalizers: this batch or the whole
+    lam_M, tokens_n, mix_n = whole["lam_M"], whole["tokens"], whole["mix_tokens"]  # the whole batch's
     scales = jax.lax.stop_gradient((1.0 / jnp.maximum(tokens_n, 1.0) if ntp else 0.0, mu / jnp.maximum(mix_n, 1.0)))
     piece = _sftmix_piece if ntp else _mixup_only_piece
     active = jnp.max(jnp.sum(weights_BL > 0, axis=1))  # positions past every row's responses: skipped
@@ -215,7 +213,7 @@ def _fused_sftmix_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, lam_M, m
     aux = {"mixup_loss": mixup, "mixup_tokens": mix_count}
     if ntp:
         aux = {**aux, "ntp_loss": nll / jnp.maximum(tokens_n, 1.0), "tokens": tokens}
-    return loss, {**aux, "lambda_mean": jnp.mean(lam_M), "loss": loss}
+    return loss, {**aux, "lambda_mean": jnp.sum(lam_M) / whole["pairs"], "loss": loss}
 
 
 # ----------------------------------------------------------------------------------------

@@ -56,30 +56,32 @@ def _accumulate(grad_fn, loss_fn, params, frozen, batch, rng, accum: int):
     """(loss, aux, grads) of the batch from `accum` micro-batches in a scan (one gradient live).
 
     As SFTMIX.md defines the loss: a token mean over the whole batch and one lambda per batch (per
-    pair, drawn once for the batch). `loss_fn.whole(batch, rng)` gives each micro-batch those
-    normalizers and its share of the lambdas, so micro-batch losses, gradients and counts add up
-    to the batch's; `lambda_mean` is averaged. A loss without `.whole`: the micro-batch mean.
+    pair, drawn once for the batch). `loss_fn.whole(batch, rng)` gives each micro-batch the whole
+    batch's normalizers (scalars) and its share of any per-pair or per-row values (split like the
+    rows), so micro-batch losses, metrics and gradients add up to the batch's. A loss without
+    `.whole`: the mean over micro-batches.
     """
     micro = split_micro(batch, accum)
-    whole = loss_fn.whole(batch, rng) if hasattr(loss_fn, "whole") else None
-    per_pair = {k: v.reshape(accum, -1) for k, v in (whole or {}).items() if k == "lam_M"}
+    whole = loss_fn.whole(batch, rng) if hasattr(loss_fn, "whole") else {}
+    shares = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in whole.items() if jnp.ndim(v)}
+    whole = {k: v for k, v in whole.items() if k not in shares}
+
+    def grads_of(mb, i, share):
+        if not hasattr(loss_fn, "whole"):
+            return grad_fn(params, frozen, mb, jax.random.fold_in(rng, i))
+        return grad_fn(params, frozen, mb, rng, {**whole, **share})
 
     def body(acc, xs):
-        mb, i, shares = xs
-        if whole is None:
-            (loss, aux), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i))
-        else:
-            (loss, aux), g = grad_fn(params, frozen, mb, rng, {**whole, **shares})
+        (loss, aux), g = grads_of(*xs)
         return jax.tree.map(jnp.add, acc, (g, loss, aux)), None
 
-    first = jax.tree.map(lambda x: x[0], (micro, per_pair))
-    (loss_s, aux_s), g_s = jax.eval_shape(grad_fn, params, frozen, first[0], rng,
-                                          None if whole is None else {**whole, **first[1]})
+    first = jax.tree.map(lambda x: x[0], (micro, shares))
+    (loss_s, aux_s), g_s = jax.eval_shape(grads_of, first[0], 0, first[1])
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g_s, loss_s, aux_s))
-    (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum), per_pair))
-    if whole is None:
+    (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum), shares))
+    if not hasattr(loss_fn, "whole"):
         return jax.tree.map(lambda x: x / accum, (loss, aux, grads))
-    return loss, {k: v / accum if k == "lambda_mean" else v for k, v in aux.items()}, grads
+    return loss, aux, grads
 
 
 def make_train_step(graphdef, tx, loss_fn, accum: int = 1, shardings=None, skip_nonfinite=False):
