@@ -8,8 +8,9 @@ mistral7b_alpaca     mistralai/Mistral-7B-v0.1 tatsu-lab/alpaca (52K)        3  
 qwen25_14b_alpaca    Qwen/Qwen2.5-14B          tatsu-lab/alpaca (52K)        3       v4-32 (tight on v5e-64: 16 GiB chips)
 llama31_8b_ultrachat meta-llama/Llama-3.1-8B   HuggingFaceH4/ultrachat_200k  1       v4-32 / v5e-64
 llama31_8b_medalpaca meta-llama/Llama-3.1-8B   Medical Meadow (see below)    3       v4-32 / v5e-64
-llama31_8b_alpaca_w2s  as llama31_8b_alpaca, with Llama-3.2-1B as the weak reference (the paper's
-                     Gemma-2B is not a supported architecture; any smaller Llama/Mistral/Qwen2 works)
+llama31_8b_alpaca_w2s  as llama31_8b_alpaca, with Gemma-2B as the weak reference, as in the paper: it
+                     trains and replays the rows in its own tokenizer; the NTP baseline is a `baseline`
+                     stage on Llama-3.1-8B
 
 Paper setup: AdamW, lr 2e-6, weight decay 0.1, cosine schedule, warmup ratio 0.1, batch 32,
 mu 0.2, alpha 0.5. Compute in bfloat16 with float32 master weights and optimizer state.
@@ -55,7 +56,7 @@ def get_config(arg="llama31_8b_alpaca"):
                        template="alpaca"))  # base models: the Stanford Alpaca prompt (+ EOS)
     c.train.update(dict(epochs=epochs, min_lr_ratio=0.0, b2=0.999, ce_chunk=256))
     if arg.endswith("_w2s"):
-        c.reference.model_source = "meta-llama/Llama-3.2-1B"
+        c.reference.model_source = "google/gemma-2b"  # its own tokenizer (256K vocabulary); gated like Llama
     c.confidence.batch_size = 128
     c.mesh.update(dict(data=1, fsdp=-1))
     # multiple_choice: the healthcare run scores MedQA (4 options) by option log-likelihood in the

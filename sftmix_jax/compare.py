@@ -26,6 +26,8 @@ import time
 
 import numpy as np
 
+from sftmix_jax.stages import report
+
 BUILTIN_ARMS = {"random split": ["--config.confidence.split=random"]}
 STAGE3_KEYS = ("sftmix.", "confidence.split", "evaluate.")  # settings that leave stages 1-2 as they are
 # (name, how to read it from a model's results, higher is better)
@@ -93,10 +95,11 @@ def _die_with_parent() -> None:
 
 
 def link_stages_1_2(base: str, arm: str) -> None:
-    """The arm reuses the seed's reference run and replay (relative links, so DIR can move)."""
-    for stage in ("reference", "confidence"):
+    """The arm reuses the seed's reference run and replay, and the weak-to-strong NTP baseline when
+    there is one (relative links, so DIR can move)."""
+    for stage in ("reference", "confidence", "baseline"):
         link = os.path.join(arm, stage)
-        if not os.path.lexists(link):
+        if not os.path.lexists(link) and (stage != "baseline" or os.path.exists(os.path.join(base, stage))):
             os.symlink(os.path.relpath(os.path.join(base, stage), arm), link)
 
 
@@ -152,9 +155,10 @@ def collect(workdir, seeds, arms) -> dict:
     boot = {}
     for s in seeds:
         base = run_dir(workdir, s)
-        models = {"NTP": (base, "NTP reference", "reference"), "SFTMix": (base, "SFTMix", "sftmix")}
+        (ntp_stage, ntp_label), _ = report.runs(json.load(open(os.path.join(base, "summary.json"))).get("config"))
+        models = {"NTP": (base, ntp_label, ntp_stage), "SFTMix": (base, "SFTMix", "sftmix")}
         models.update({arm: (run_dir(workdir, s, arm), "SFTMix", "sftmix") for arm in arms})
-        ntp_rows = read_rows(os.path.join(base, "evaluate", "heldout_reference.jsonl"))
+        ntp_rows = read_rows(os.path.join(base, "evaluate", f"heldout_{ntp_stage}.jsonl"))
         for arm, (d, label, stage) in models.items():
             results = json.load(open(os.path.join(d, "summary.json")))["results"][label]
             for name, get, _ in METRICS:
@@ -272,7 +276,7 @@ def main(argv=None) -> None:
         took = run_pipeline(a.config, d, s, flags, common, log)
         print(f"compare: [{i}/{len(plan)}] " + (f"done in {took:.0f} s" if took else "already complete"), flush=True)
     result = collect(a.workdir, seeds, list(arms))
-    result["arms"] = {"NTP": "the reference (NTP) model of each seed's base run",
+    result["arms"] = {"NTP": "the NTP model of each seed's base run (its reference run; weak-to-strong: its baseline)",
                       "SFTMix": "the SFTMix model of each seed's base run", **{k: shlex.join(v) for k, v in arms.items()}}
     result["common"] = common
     command = shlex.join(["python", "-m", "sftmix_jax.compare", *(argv if argv is not None else sys.argv[1:])])

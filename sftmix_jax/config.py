@@ -14,7 +14,7 @@ from sftmix_jax.model import lora
 from sftmix_jax.model.llama import REMAT
 from sftmix_jax.ops.attention import ATTENTION
 
-STAGES = ("reference", "confidence", "sftmix", "evaluate")
+STAGES = ("reference", "confidence", "baseline", "sftmix", "evaluate")  # baseline: weak-to-strong only
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # config.model.dtype / param_dtype
 # Keys that may change between invocations on the same workdir without changing what is trained
 # (evaluate settings apply when the evaluate stage runs again: delete DIR/evaluate/done.json).
@@ -61,8 +61,9 @@ def _method_problems(c, stages) -> list[str]:
         problems.append(f"config.sftmix.mu={c.sftmix.mu} must be >= 0 (0.2 in the paper)")
     if c.sftmix.alpha <= 0:
         problems.append(f"config.sftmix.alpha={c.sftmix.alpha} must be > 0 (Beta(alpha, alpha); 0.5 in the paper)")
-    if not c.sftmix.ntp and c.sftmix.mu == 0:
-        problems.append("config.sftmix.ntp=False with mu=0 leaves no loss: set mu > 0")
+    if not c.sftmix.ntp and c.sftmix.mu != 1:  # the ablation is the Mixup loss alone, not a scaled-down one
+        problems.append(f"config.sftmix.ntp=False (Mixup only) needs config.sftmix.mu=1: the loss is mu * Mixup, and "
+                        f"mu={c.sftmix.mu} would only rescale it (and loosen the gradient clip by 1/mu)")
     if c.get("lora"):
         if c.lora.rank < 0:
             problems.append(f"config.lora.rank={c.lora.rank} must be >= 0 (0 = full fine-tuning)")
@@ -200,6 +201,7 @@ def defaults() -> ml_collections.ConfigDict:
         wandb_project=""))  # a W&B project name logs there too (pip install wandb); '' = TensorBoard only
     c.reference = ml_collections.ConfigDict(dict(
         model_source="",  # '' = config.model; else a (smaller) HF model: weak-to-strong
+        tokenizer="",  # weak-to-strong: '' = the reference model's own tokenizer; 'synthetic' = the built-in one
         checkpoints=3))  # C checkpoints replayed for confidence, evenly spaced, last at the end
     c.confidence = ml_collections.ConfigDict(dict(batch_size=64, split="confidence"))  # or 'random' (the control)
     c.sftmix = ml_collections.ConfigDict(dict(mu=0.2, alpha=0.5, per_pair=False, ntp=True,

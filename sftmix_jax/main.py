@@ -1,7 +1,8 @@
 """python -m sftmix_jax.main --config configs/NAME.py[:ARG] --workdir DIR [--config.a.b=v ...]
 
 Runs the stages of config.stages in order, one file each in stages/: reference (NTP, keeping
-checkpoints), confidence (their replay -> the split), sftmix (NTP + Mixup on the split), evaluate.
+checkpoints), confidence (their replay -> the split), baseline (weak-to-strong only: NTP on the
+target model), sftmix (NTP + Mixup on the split), evaluate.
 A stage whose outputs are complete (DIR/<stage>/done.json) is skipped; an interrupted one resumes.
 """
 import dataclasses
@@ -19,9 +20,10 @@ from sftmix_jax import config as config_lib
 from sftmix_jax import hf, multihost, sharding
 from sftmix_jax.data import sources
 from sftmix_jax.ops import cpu
-from sftmix_jax.stages import confidence, evaluate, pretrain, reference, sftmix
+from sftmix_jax.stages import baseline, confidence, evaluate, pretrain, reference, sftmix
 
-RUNNERS = {"reference": reference.run, "confidence": confidence.run, "sftmix": sftmix.run, "evaluate": evaluate.run}
+RUNNERS = {"reference": reference.run, "confidence": confidence.run, "baseline": baseline.run, "sftmix": sftmix.run,
+           "evaluate": evaluate.run}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py[:ARG]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, scores, exports and reports.")
@@ -58,6 +60,11 @@ class Run:
         """(train examples, held-out examples, stats)."""
         return sources.load_examples(self.config.data, self.tokenizer, self.config.seed)
 
+    @functools.cached_property
+    def reference(self) -> "Run":
+        """The reference model's view of the run: itself, unless weak-to-strong with its own tokenizer."""
+        return _ReferenceRun(self) if self.config.reference.model_source else self
+
     def is_done(self, stage: str) -> bool:
         """Decided by process 0 for all: every process skips the same stages."""
         return multihost.agree(epath.Path(self.stage_dir(stage), "done.json").exists())
@@ -68,6 +75,29 @@ class Run:
         if multihost.is_leader():
             multihost.write_atomic(epath.Path(self.stage_dir(stage), "done.json"), json.dumps(summary, indent=2))
         multihost.barrier(f"{stage} done")
+
+
+class _ReferenceRun(Run):
+    """Weak-to-strong: the reference model's tokenizer and chat template, and its tokenization of
+    the same rows (the same held-out split), the training examples in the target's order and ids,
+    so that the confidence scores join back to the target's examples by id."""
+
+    def __init__(self, target: Run):  # config, workdir and mesh stay the target run's
+        self.target = target
+
+    config = property(lambda self: self.target.config)
+    workdir = property(lambda self: self.target.workdir)
+    mesh = property(lambda self: self.target.mesh)
+
+    @functools.cached_property
+    def tokenizer(self):
+        r = self.config.reference
+        return hf.load_tokenizer(r.tokenizer or r.model_source)
+
+    @functools.cached_property
+    def data(self):
+        train, held, stats = sources.load_examples(self.config.data, self.tokenizer, self.config.seed)
+        return sources.select_ids(train, [e.id for e in self.target.data[0]], "the reference model's tokenizer"), held, stats
 
 
 def run_stages(config, workdir: str, heartbeat_timeout: int = 30) -> None:
@@ -93,6 +123,8 @@ def run_stages(config, workdir: str, heartbeat_timeout: int = 30) -> None:
     multihost.barrier("config.json")
     run = Run(config, workdir)
     for stage in stages:
+        if stage == "baseline" and not baseline.needed(run.config):
+            continue  # the reference run is the NTP baseline
         if run.is_done(stage):
             logging.info("stage %s: complete in %s, skipped", stage, run.stage_dir(stage))
             continue

@@ -25,6 +25,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from sftmix_jax import checkpoints, hf, multihost, scoring, sharding
+from sftmix_jax.data import sources
 from sftmix_jax.data.batching import padding_report
 from sftmix_jax.model import lora
 from sftmix_jax.ops import cpu
@@ -335,6 +336,7 @@ def run_stage(run, stage: str, model_cfg, batches, loss_fn, num_replay: int = 0)
     c = run.config
     held_out = run.data[1]
     model = lora.apply(hf.load_model(model_cfg, seed=c.seed, mesh=run.mesh), c.get("lora"), c.seed, run.mesh)
+    sources.check_vocab(run.data[0] + held_out, model.cfg.vocab_size, f"the {stage} model ({model_cfg.source})")
     padding = padding_report(batches, c.data.max_length)
     logging.info("%s: padding fraction %s", stage, padding)
     steps = total_steps(c.train, batches.steps_per_epoch)

@@ -17,7 +17,7 @@ from sftmix_jax import config as config_lib
     ({"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 1}, 8, r"data\*fsdp\*tensor = 2\*2\*1 = 4 but there are 8 devices"),
     ({"sftmix.mu": -0.1}, 1, r"config.sftmix.mu=-0.1 must be >= 0"),
     ({"sftmix.alpha": 0.0}, 1, r"config.sftmix.alpha=0.0 must be > 0"),
-    ({"sftmix.ntp": False, "sftmix.mu": 0.0}, 1, r"leaves no loss"),
+    ({"sftmix.ntp": False}, 1, r"config.sftmix.ntp=False \(Mixup only\) needs config.sftmix.mu=1"),
     ({"reference.checkpoints": 1}, 1, r"config.reference.checkpoints=1: the confidence replay needs >= 2"),
     ({"data.fields.output": ""}, 1, r"config.data.fields.output is empty"),
     ({"data.format": "csv"}, 1, r"config.data.format='csv'"),

@@ -48,11 +48,13 @@ def test_reference_loss_falls(workdir):
 
 
 def test_finished_stages_are_skipped(workdir):
-    stamps = {s: os.path.getmtime(os.path.join(workdir, s, "done.json")) for s in config_lib.STAGES}
+    ran = [s for s in config_lib.STAGES if s != "baseline"]  # baseline: weak-to-strong only
+    stamps = {s: os.path.getmtime(os.path.join(workdir, s, "done.json")) for s in ran}
     t = time.time()
     main.run_stages(tiny_config(), workdir)
     assert time.time() - t < 30
-    assert stamps == {s: os.path.getmtime(os.path.join(workdir, s, "done.json")) for s in config_lib.STAGES}
+    assert stamps == {s: os.path.getmtime(os.path.join(workdir, s, "done.json")) for s in ran}
+    assert not os.path.exists(os.path.join(workdir, "baseline"))
 
 
 def test_workdir_with_other_config_is_refused(workdir):
@@ -166,3 +168,8 @@ def test_generate_cli_prints_the_answer(workdir, capsys):
     out = generate.generate(hf.load_pretrained(path), [generate.prompt_ids(tok, "Sort the digits: 3141")], 8,
                             eos_id=tok.eos_token_id)[0]
     assert capsys.readouterr().out == tok.decode(out, skip_special_tokens=True) + "\n"
+
+
+def test_a_reference_run_shorter_than_its_checkpoints_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"config.reference.checkpoints=3 but the reference run has only 2 steps"):
+        main.run_stages(tiny_config(**{"train.steps": 2}), str(tmp_path))

@@ -234,6 +234,24 @@ def load_examples(cfg: ml_collections.ConfigDict, tokenizer, seed: int):
     return train, held, stats
 
 
+def check_vocab(examples: list[Example], vocab_size: int, what: str) -> None:
+    """Refuse token ids the model has no embedding for (they would give NaNs, or silently wrong rows)."""
+    for e in examples:
+        if len(e.input_ids) and int(e.input_ids.max()) >= vocab_size:
+            raise ValueError(f"example {e.id!r} has token id {int(e.input_ids.max())} >= vocab_size {vocab_size} of "
+                             f"{what}: the tokenizer is not this model's (config.tokenizer, config.reference.tokenizer)")
+
+
+def select_ids(examples: list[Example], ids: list[str], what: str) -> list[Example]:
+    """The examples with these ids, in this order: another tokenization of the same rows joined by id."""
+    by_id = {e.id: e for e in examples}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise ValueError(f"{len(missing)} training examples are missing under {what} (bad, or too long for "
+                         f"data.max_length), e.g. ids {missing[:10]}: raise data.max_length, or drop these rows")
+    return [by_id[i] for i in ids]
+
+
 def load_other(cfg: ml_collections.ConfigDict, source: str, num_examples: int, tokenizer) -> list[Example]:
     """A second held-out set the model is not trained on (forgetting): the first num_examples rows
     of `source`, in config.data's format, fields, template and max_length."""

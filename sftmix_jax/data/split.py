@@ -12,10 +12,12 @@ def load_split(conf_dir, examples, mode="confidence", seed=0):
     mode 'random' (the control): halves of the same sizes drawn at random from the same rows.
     """
     rows = [json.loads(line) for line in epath.Path(conf_dir, "scores.jsonl").read_text().splitlines()]
-    ids = [e.id for e in examples]
-    if [r["id"] for r in rows] != ids:
-        raise ValueError(f"{conf_dir}/scores.jsonl does not match the training set (was the data config changed?)")
-    split = np.array([r["split"] for r in rows])
+    by_id = {r["id"]: r["split"] for r in rows}  # joined by id: the reference may tokenize differently
+    missing = [e.id for e in examples if e.id not in by_id]
+    if missing or len(by_id) != len(examples):
+        raise ValueError(f"{conf_dir}/scores.jsonl does not match the training set ({len(by_id)} scored, "
+                         f"{len(examples)} training examples, unscored ids {missing[:5]}): was the data config changed?")
+    split = np.array([by_id[e.id] for e in examples])
     confident, unconfident = np.flatnonzero(split == "confident"), np.flatnonzero(split == "unconfident")
     if mode == "random":
         kept = np.random.default_rng([seed, 1]).permutation(np.concatenate([confident, unconfident]))

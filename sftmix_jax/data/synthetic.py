@@ -80,6 +80,26 @@ def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
 
 
+def bpe_tokenizer(vocab_size: int = 384, seed: int = 0) -> transformers.PreTrainedTokenizerFast:
+    """Another tokenizer for the same suite (a weak-to-strong reference with its own vocabulary):
+    byte-level BPE with merges learnt from suite rows, the special tokens first (ids 0..5), and
+    the same chat template. Deterministic for a (vocab_size, seed)."""
+    from tokenizers import trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = [" ".join(r.values()) for r in generate(2000, seed + 1)]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False, model_max_length=4096)
+
+
 # ----------------------------------------------------------------------------------------
 # Task suite: terse instructions, so that compute goes to the answers
 # ----------------------------------------------------------------------------------------

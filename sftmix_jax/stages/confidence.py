@@ -16,6 +16,7 @@ from etils import epath
 from flax import nnx
 
 from sftmix_jax import checkpoints, config, hf, multihost, sharding
+from sftmix_jax.data import sources
 from sftmix_jax.model import lora
 from sftmix_jax.model.llama import abstract_model
 from sftmix_jax.scoring import example_nll
@@ -67,6 +68,7 @@ def median_split(conf: np.ndarray):
 
 
 def run(run) -> dict:
+    run = run.reference  # weak-to-strong: the reference model's own tokenization of the same examples
     c = run.config
     out = run.stage_dir("confidence")
     steps = json.loads(epath.Path(run.stage_dir("reference"), "done.json").read_text())["replay_steps"]
@@ -79,6 +81,7 @@ def run(run) -> dict:
         model = lora.apply(hf.load_model(model_cfg, seed=c.seed, mesh=run.mesh), c.lora, c.seed, run.mesh)
     else:  # checkpoints hold every parameter: no weights to load
         model = abstract_model(hf.model_config(model_cfg))
+    sources.check_vocab(train_ex, model.cfg.vocab_size, f"the reference model ({model_cfg.source})")
     perp_CE = replay(os.path.join(run.stage_dir("reference"), "checkpoints"), steps, train_ex,
                      model, c.confidence.batch_size, c.data.buckets, run.pad_id, out, run.mesh)
     conf_E, var_E = -perp_CE.mean(0), perp_CE.std(0)

@@ -1,4 +1,4 @@
-"""Stage 4, evaluate: the NTP reference and SFTMix models on the same held-out set: response loss /
+"""Stage evaluate: the NTP (reference or, weak-to-strong, baseline) and SFTMix models on the same held-out set: response loss /
 perplexity (scoring.py), greedy exact match per task family, multiple-choice accuracy
 (multiple_choice.py), a set not trained on; then the report (report.py).
 """
@@ -31,7 +31,7 @@ def exact_match(model, tokenizer, examples, max_new_tokens, batch_size=32) -> di
 
 
 # ----------------------------------------------------------------------------------------
-# Stage `evaluate`: NTP reference vs SFTMix on the same held-out set
+# Stage `evaluate`: NTP vs SFTMix on the same held-out set
 # ----------------------------------------------------------------------------------------
 def run(run) -> dict:
     c = run.config
@@ -48,7 +48,9 @@ def run(run) -> dict:
     if other.get("source"):  # a set not trained on: how much of what the base knew survives
         other_set = sources.load_other(c.data, other.source, other.num_examples, run.tokenizer)
     results = {}
-    for stage, label in (("reference", "NTP reference"), ("sftmix", "SFTMix")):
+    cfg = json.loads(c.to_json_best_effort())
+    as_configured = json.loads(epath.Path(run.workdir, "config.json").read_text())  # model.source before 'pretrain' resolves
+    for stage, label in report.runs(cfg):  # weak-to-strong: the NTP baseline of the target model
         path = os.path.join(run.stage_dir(stage), "hf")
         if not multihost.agree(epath.Path(path, "config.json").exists()):
             logging.warning("evaluate: no %s model at %s, skipped", stage, path)
@@ -72,7 +74,7 @@ def run(run) -> dict:
                                                             run.mesh, out=out if multihost.is_leader() else None)
         results[label] = m
         logging.info("evaluate %s: %s", label, m)
-    summary = {"heldout_examples": len(held_out), "results": results, "config": json.loads(c.to_json_best_effort())}
+    summary = {"heldout_examples": len(held_out), "results": results, "models": report.models(as_configured), "config": cfg}
     if multihost.is_leader():
         report.write(run.workdir, summary)
     return {"results": results}

@@ -1,8 +1,8 @@
-"""Reports of a workdir: summary.md (NTP reference vs SFTMix) and loss_curves.png.
+"""Reports of a workdir: summary.md (NTP vs SFTMix, naming each model) and loss_curves.png.
 
     python -m sftmix_jax.stages.report --workdir DIR
 
-rebuilds both from DIR/summary.json and DIR/{reference,sftmix}/metrics.jsonl, without any
+rebuilds both from DIR/summary.json and DIR/{reference or baseline,sftmix}/metrics.jsonl, without any
 model compute; the evaluate stage calls `write` with the summary it has just computed.
 """
 from __future__ import annotations
@@ -12,7 +12,18 @@ import json
 
 from etils import epath
 
-RUNS = (("reference", "NTP reference"), ("sftmix", "SFTMix"))
+def runs(config: dict | None) -> tuple:
+    """(stage, label) of the NTP and SFTMix models a workdir compares: the NTP reference run, or,
+    when the reference is another model (weak-to-strong), the NTP baseline of the target model."""
+    weak = ((config or {}).get("reference") or {}).get("model_source")
+    return (("baseline", "NTP baseline") if weak else ("reference", "NTP reference")), ("sftmix", "SFTMix")
+
+
+def models(config: dict | None) -> dict:
+    """label -> the model it is, as the config names it."""
+    c = config or {}
+    target = (c.get("model") or {}).get("source", "?")
+    return {label: target for _, label in runs(c)}
 # (alt text, path relative to the workdir), embedded in summary.md when present
 IMAGES = (("loss curves", "loss_curves.png"), ("data map", "confidence/data_map.png"))
 
@@ -33,10 +44,10 @@ def read_metrics(path) -> list[dict]:
     return sorted(rows, key=lambda r: r["step"])
 
 
-def loss_curves(workdir: str, path: str) -> bool:
+def loss_curves(workdir: str, path: str, config: dict | None = None) -> bool:
     """Train and held-out loss vs step of both runs; False (nothing written) when neither has metrics."""
-    runs = {label: read_metrics(epath.Path(workdir, stage, "metrics.jsonl")) for stage, label in RUNS}
-    if not any(runs.values()):
+    curves = {label: read_metrics(epath.Path(workdir, stage, "metrics.jsonl")) for stage, label in runs(config)}
+    if not any(curves.values()):
         return False
     import matplotlib
 
@@ -44,7 +55,7 @@ def loss_curves(workdir: str, path: str) -> bool:
     import matplotlib.pyplot as plt
 
     fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for (label, rows), color in zip(runs.items(), ("tab:blue", "tab:orange")):
+    for (label, rows), color in zip(curves.items(), ("tab:blue", "tab:orange")):
         # The NTP term is what both runs share; SFTMix's total (NTP + mu * Mixup) is drawn dashed.
         ntp = [(r["step"], r.get("ntp_loss", r["loss"])) for r in rows if "loss" in r]
         total = [(r["step"], r["loss"]) for r in rows if "mixup_loss" in r]
@@ -67,7 +78,8 @@ def loss_curves(workdir: str, path: str) -> bool:
 
 def summary_markdown(summary: dict | None, images=(), config: dict | None = None) -> str:
     """The report: metrics table (with SFTMix - NTP when both ran), images, config."""
-    lines = ["# NTP reference vs SFTMix", ""]
+    (_, ntp_label), _ = runs(config)
+    lines = [f"# {ntp_label} vs SFTMix", ""]
     results = (summary or {}).get("results") or {}
     if not results:
         lines += ["No evaluation results yet: run the `evaluate` stage.", ""]
@@ -90,6 +102,7 @@ def summary_markdown(summary: dict | None, images=(), config: dict | None = None
             text += (f" Multiple choice: {mc['questions']} questions" + (f" of `{source}`" if source else "")
                      + ", each option scored by its log-likelihood.")
         lines += [text + " Lower loss / perplexity and higher accuracy / exact match are better.", "",
+                  model_line(config, names, summary.get("models")), "",
                   "| metric | " + " | ".join(names) + (" | SFTMix - NTP |" if pair else " |"),
                   "|---|" + "---|" * (len(names) + pair)]
         for label, get, fmt in rows:
@@ -105,6 +118,18 @@ def summary_markdown(summary: dict | None, images=(), config: dict | None = None
     return "\n".join(lines)
 
 
+def model_line(config: dict | None, names, named: dict | None = None) -> str:
+    """Which model each column is (weak-to-strong: the NTP baseline is the target model, not the reference)."""
+    named = named or models(config)
+    cells = [f"**{n}** = `{named[n]}`" for n in names if n in named]
+    weak = ((config or {}).get("reference") or {}).get("model_source")
+    if weak:
+        cells.append(f"confidence split by the weak reference `{weak}` (NTP, its own tokenizer; not in this table)")
+    else:
+        cells.append("the NTP reference is also the run whose checkpoints gave the confidence split")
+    return "Models: " + "; ".join(cells) + "."
+
+
 def write(workdir: str, summary: dict | None = None) -> list[str]:
     """summary.json (when `summary` is given; else read back), loss_curves.png and summary.md.
 
@@ -117,11 +142,11 @@ def write(workdir: str, summary: dict | None = None) -> list[str]:
         written.append(str(root / "summary.json"))
     elif (root / "summary.json").exists():
         summary = json.loads((root / "summary.json").read_text())
-    if loss_curves(workdir, str(root / "loss_curves.png")):
-        written.append(str(root / "loss_curves.png"))
     config = (summary or {}).get("config")
     if config is None and (root / "config.json").exists():
         config = json.loads((root / "config.json").read_text())
+    if loss_curves(workdir, str(root / "loss_curves.png"), config):
+        written.append(str(root / "loss_curves.png"))
     images = [(alt, path) for alt, path in IMAGES if (root / path).exists()]
     (root / "summary.md").write_text(summary_markdown(summary, images, config))
     written.append(str(root / "summary.md"))
