@@ -35,7 +35,8 @@ METRICS = (("held-out loss", lambda m: m.get("loss"), False),
            ("held-out perplexity", lambda m: m.get("perplexity"), False),
            ("other-set perplexity", lambda m: m.get("other", {}).get("perplexity"), False),  # forgetting
            ("exact match", lambda m: m.get("exact_match", {}).get("all"), True),
-           ("multiple choice accuracy", lambda m: m.get("multiple_choice", {}).get("accuracy"), True))
+           ("multiple choice acc", lambda m: m.get("multiple_choice", {}).get("acc"), True),
+           ("multiple choice acc_norm", lambda m: m.get("multiple_choice", {}).get("acc_norm"), True))
 BOOTSTRAP = 2000
 
 

@@ -81,7 +81,11 @@ def test_logliks_match_torch(tiny_llama, tmp_path, template, lettered):
         want = torch_logliks(ref, tok, q, cfg)[0]
         np.testing.assert_allclose(row["loglik"], want, atol=1e-4)
         assert row["choice"] == int(np.argmax(want))
-        np.testing.assert_allclose(row["loglik_norm"], np.array(row["loglik"]) / row["tokens"], rtol=1e-12)
+        # lm-eval's acc_norm divides by the option's characters (no delimiter); acc_per_token by its tokens
+        texts = [f"{'ABCDEFGH'[k]}. {c}" if lettered else c for k, c in enumerate(q.choices)]
+        assert row["chars"] == [len(t) for t in texts]
+        assert row["choice_norm"] == int(np.argmax(want / np.array([len(t) for t in texts])))
+        assert row["choice_per_token"] == int(np.argmax(np.array(row["loglik"]) / row["tokens"]))
     assert len({r["choice"] for r in rows}) > 1, "a degenerate model would make the comparison vacuous"
 
 
@@ -177,7 +181,7 @@ def test_evaluate_stage_reports_accuracy(tiny_llama, tmp_path):
     summary = json.loads((workdir / "summary.json").read_text())
     accs = [summary["results"][n]["multiple_choice"] for n in ("NTP reference", "SFTMix")]
     assert accs[0] == accs[1] and accs[0]["questions"] == len(QUESTIONS)
-    assert "| multiple choice accuracy (summed log-lik) |" in (workdir / "summary.md").read_text()
+    assert "| multiple choice acc (summed log-lik) |" in (workdir / "summary.md").read_text()
     assert len((workdir / "evaluate" / "multiple_choice_sftmix.jsonl").read_text().splitlines()) == len(QUESTIONS)
     assert jax.device_count() == 8  # the stage ran on conftest's 8-device mesh
 
@@ -212,11 +216,11 @@ def test_smollm2_same_choices_as_transformers(smollm2_dir, tmp_path):
         diffs.append(np.abs(np.array(row["loglik"]) - want).max())
         same += row["choice"] == int(np.argmax(want))
     acc = mc.accuracy(ours)
-    print(f"SmolLM2 MC: accuracy {acc['accuracy']:.2f} (per-token {acc['accuracy_norm']:.2f}), "
+    print(f"SmolLM2 MC: acc {acc['acc']:.2f} (acc_norm {acc['acc_norm']:.2f}, per token {acc['acc_per_token']:.2f}), "
           f"same choice {same}/{len(GENERAL)}, max |log-lik diff| {max(diffs):.2e}")
     assert same == len(GENERAL)
     assert max(diffs) < 1e-3
-    assert acc["accuracy"] >= 0.5, "a chat model should answer most of these"
+    assert acc["acc"] >= 0.5, "a chat model should answer most of these"
 
 
 def test_smollm2_boundary_merge_tokenized_apart(smollm2_dir):

@@ -9,9 +9,9 @@ from sftmix_jax.stages import report
 
 RESULTS = {
     "NTP reference": {"loss": 0.62, "perplexity": 1.86, "tokens": 1009.0, "exact_match": {"all": 0.475, "add": 0.05},
-                      "multiple_choice": {"accuracy": 0.5, "accuracy_norm": 0.375, "questions": 8}},
+                      "multiple_choice": {"acc": 0.5, "acc_norm": 0.375, "acc_per_token": 0.25, "questions": 8}},
     "SFTMix": {"loss": 0.60, "perplexity": 1.82, "tokens": 1009.0, "exact_match": {"all": 0.5, "add": 0.15},
-               "multiple_choice": {"accuracy": 0.625, "accuracy_norm": 0.5, "questions": 8}},
+               "multiple_choice": {"acc": 0.625, "acc_norm": 0.5, "acc_per_token": 0.5, "questions": 8}},
 }
 CONFIG = {"seed": 0, "evaluate": {"multiple_choice": {"source": "mc.jsonl"}}}
 
@@ -52,7 +52,8 @@ def test_cli_rebuilds_summary_and_curves(workdir):
     assert "| metric | NTP reference | SFTMix | SFTMix - NTP |" in md
     assert "| held-out loss | 0.6200 | 0.6000 | -0.0200 |" in md
     assert "| exact match: all | 0.475 | 0.500 | +0.0250 |" in md
-    assert "| multiple choice accuracy (summed log-lik) | 0.500 | 0.625 | +0.1250 |" in md
+    assert "| multiple choice acc (summed log-lik) | 0.500 | 0.625 | +0.1250 |" in md
+    assert "| multiple choice acc_norm (per character, as lm-eval) | 0.375 | 0.500 | +0.1250 |" in md
     assert "8 questions of `mc.jsonl`" in md
     assert "![loss curves](loss_curves.png)" in md and "![data map](confidence/data_map.png)" in md
     assert '"seed": 0' in md

@@ -49,7 +49,8 @@ def run(run) -> dict:
         other_set = sources.load_other(c.data, other.source, other.num_examples, run.tokenizer)
     results = {}
     cfg = json.loads(c.to_json_best_effort())
-    as_configured = json.loads(epath.Path(run.workdir, "config.json").read_text())  # model.source before 'pretrain' resolves
+    recorded = epath.Path(run.workdir, "config.json")  # model.source as configured, before 'pretrain' resolves
+    as_configured = json.loads(recorded.read_text()) if recorded.exists() else cfg
     for stage, label in report.runs(cfg):  # weak-to-strong: the NTP baseline of the target model
         path = os.path.join(run.stage_dir(stage), "hf")
         if not multihost.agree(epath.Path(path, "config.json").exists()):

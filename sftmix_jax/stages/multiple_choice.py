@@ -1,9 +1,10 @@
 """Multiple-choice accuracy by log-likelihood (the paper's MedQA / PubMedQA / MedMCQA kind).
 
 Each question is rendered as a user turn (chat template with the generation prompt, the
-Alpaca prompt, or plain text) and every option is scored as the answer that follows it:
-the summed log-probability of its tokens, and that sum divided by its token count. The
-option with the highest score is the model's choice; accuracy is reported for both scores.
+Alpaca prompt, or plain text) and every option is scored as the answer that follows it by the
+summed log-probability of its tokens. The metrics are lm-evaluation-harness's: `acc` (the option
+with the highest sum), `acc_norm` (the sum divided by the option's length in characters, as
+lm-eval computes it); and ours, `acc_per_token` (the sum divided by the option's token count).
 The forward pass is scoring.example_nll's, so a mesh shards it like every other eval.
 """
 from __future__ import annotations
@@ -201,22 +202,27 @@ def check_batch_size(cfg, mesh) -> None:
 
 
 def score(model, tokenizer, questions: list[Question], cfg, buckets, pad_id=0, mesh=None) -> list[dict]:
-    """Per question: the answer, the choice by summed and by per-token log-likelihood, and the scores."""
+    """Per question: the answer, the choice by summed, per-character and per-token log-likelihood, the scores."""
     check_batch_size(cfg, mesh)
     examples = option_examples(questions, tokenizer, cfg)
     nll, count = example_nll(model, examples, cfg.batch_size, buckets, pad_id, mesh, desc="multiple choice")
     rows, start = [], 0
     for q in questions:
-        ll, n = -nll[start: start + len(q.choices)], count[start: start + len(q.choices)]
+        span = slice(start, start + len(q.choices))
+        ll, n = -nll[span], count[span]
+        # lm-eval's acc_norm: the continuation's length in characters, without the space before it
+        chars = np.array([len(e.answer.removeprefix(" ")) for e in examples[span]], float)
         start += len(q.choices)
-        rows.append(dict(id=q.id, answer=q.answer, choice=int(np.argmax(ll)), choice_norm=int(np.argmax(ll / n)),
-                         loglik=ll.tolist(), loglik_norm=(ll / n).tolist(), tokens=n.astype(int).tolist()))
+        rows.append(dict(id=q.id, answer=q.answer, choice=int(np.argmax(ll)), choice_norm=int(np.argmax(ll / chars)),
+                         choice_per_token=int(np.argmax(ll / n)), loglik=ll.tolist(), chars=chars.astype(int).tolist(),
+                         tokens=n.astype(int).tolist()))
     return rows
 
 
 def accuracy(rows: list[dict]) -> dict:
-    return {"accuracy": float(np.mean([r["choice"] == r["answer"] for r in rows])),
-            "accuracy_norm": float(np.mean([r["choice_norm"] == r["answer"] for r in rows])),
+    """lm-eval's acc and acc_norm (per character), and acc_per_token."""
+    hit = lambda key: float(np.mean([r[key] == r["answer"] for r in rows]))  # noqa: E731
+    return {"acc": hit("choice"), "acc_norm": hit("choice_norm"), "acc_per_token": hit("choice_per_token"),
             "questions": len(rows)}
 
 

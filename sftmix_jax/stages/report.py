@@ -92,8 +92,9 @@ def summary_markdown(summary: dict | None, images=(), config: dict | None = None
         tasks = sorted({t for m in results.values() for t in m.get("exact_match", {})}, key=lambda t: (t != "all", t))
         rows += [(f"exact match: {t}", lambda m, t=t: m.get("exact_match", {}).get(t), "{:.3f}") for t in tasks]
         if any("multiple_choice" in m for m in results.values()):
-            rows += [(f"multiple choice accuracy ({kind})", lambda m, k=key: m.get("multiple_choice", {}).get(k), "{:.3f}")
-                     for kind, key in (("summed log-lik", "accuracy"), ("per-token log-lik", "accuracy_norm"))]
+            rows += [(f"multiple choice {key} ({kind})", lambda m, k=key: m.get("multiple_choice", {}).get(k), "{:.3f}")
+                     for kind, key in (("summed log-lik", "acc"), ("per character, as lm-eval", "acc_norm"),
+                                       ("per token", "acc_per_token"))]
         pair = len(names) == 2
         text = f"Held-out set: {summary['heldout_examples']} examples."
         mc = next((m["multiple_choice"] for m in results.values() if "multiple_choice" in m), None)
