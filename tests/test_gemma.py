@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from conftest import mesh_of  # noqa: E402
 from sftmix_jax import hf, losses, sharding  # noqa: E402
 from sftmix_jax.model import decode  # noqa: E402
-from sftmix_jax.model.llama import init_model  # noqa: E402
+from sftmix_jax.model.llama import abstract_model  # noqa: E402
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, initializer_range=0.3,
              attn_implementation="eager")
@@ -59,7 +59,7 @@ def torch_logits(model, ids, mask):
 
 def variant(model, **changes):
     """The same weights under a changed config (the cap or window dropped)."""
-    other = init_model(dataclasses.replace(model.cfg, **changes))
+    other = abstract_model(dataclasses.replace(model.cfg, **changes))  # shapes only: no random init
     nnx.update(other, nnx.state(model))
     return other
 
