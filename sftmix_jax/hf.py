@@ -3,6 +3,7 @@
 Weights are converted one tensor at a time (read, transpose, place), so loading an 8B model
 never holds two full copies in host memory.
 """
+import dataclasses
 import json
 import os
 import re
@@ -17,9 +18,12 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from sftmix_jax.hf_gemma import GEMMA_OFF, POST_NORMS, GEMMA_DEFAULTS, GELU_TANH, gemma_fields, gemma_to_hf
 from sftmix_jax.model.llama import CausalLM, ModelConfig, abstract_model
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "gemma", "gemma2")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
 SHARD_BYTES = 2 << 30  # save_pretrained writes safetensors shards of at most ~2 GiB
 
@@ -32,10 +36,12 @@ def config_from_hf(hf: dict, dtype="float32", param_dtype="float32", remat="none
     kind = hf.get("model_type")
     if kind not in SUPPORTED:
         raise ValueError(f"model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})")
+    gemma = kind in GEMMA_DEFAULTS
+    hf = {**GEMMA_DEFAULTS[kind], **hf} if gemma else hf
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in hf:
             raise ValueError(f"config.json has no {key!r}")
-    if hf.get("hidden_act", "silu") != "silu":
+    if not gemma and hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})  # transformers 5 / 4
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
@@ -52,6 +58,8 @@ def config_from_hf(hf: dict, dtype="float32", param_dtype="float32", remat="none
         logging.warning("attention_dropout=%s in config.json is not applied (no dropout)", hf["attention_dropout"])
     heads = hf["num_attention_heads"]
     attention_bias = bool(hf.get("attention_bias", False))
+    fields = gemma_fields(hf) if gemma else {}
+    window = fields.pop("sliding_window", hf.get("sliding_window") if kind == "mistral" else None)
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -65,9 +73,9 @@ def config_from_hf(hf: dict, dtype="float32", param_dtype="float32", remat="none
         rope_scaling=tuple(sorted(rope.items())),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=kind == "qwen2" or attention_bias,  # Qwen2 always has q/k/v biases
-        o_bias=kind == "llama" and attention_bias,
+        o_bias=kind in ("llama", "gemma", "gemma2") and attention_bias,
         mlp_bias=bool(hf.get("mlp_bias", False)),
-        sliding_window=hf.get("sliding_window") if kind == "mistral" else None,
+        sliding_window=window,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         initializer_range=hf.get("initializer_range", 0.02),
         model_type=kind,
@@ -75,6 +83,7 @@ def config_from_hf(hf: dict, dtype="float32", param_dtype="float32", remat="none
         param_dtype=param_dtype,
         remat=remat,
         attention=attention,
+        **fields,
     )
 
 
@@ -96,8 +105,13 @@ def config_to_hf(cfg: ModelConfig, **extra) -> dict:
         tie_word_embeddings=cfg.tie_embeddings,
         max_position_embeddings=cfg.max_position_embeddings,
         initializer_range=cfg.initializer_range,
-        hidden_act="silu",
     )
+    if cfg.model_type != "gemma2":  # Gemma-2's MLP reads hidden_activation
+        kwargs["hidden_act"] = GELU_TANH if cfg.model_type == "gemma" else "silu"
+    if cfg.model_type in GEMMA_DEFAULTS:
+        kwargs.update(gemma_to_hf(cfg))
+    elif on := [f for f, off in GEMMA_OFF.items() if getattr(cfg, f) != off]:
+        raise ValueError(f"model_type {cfg.model_type!r} cannot export the Gemma options {', '.join(on)}")
     if cfg.model_type == "llama":
         if cfg.qkv_bias != cfg.o_bias:
             raise ValueError("a llama config has one attention_bias for q/k/v/o")
@@ -105,8 +119,13 @@ def config_to_hf(cfg: ModelConfig, **extra) -> dict:
     elif cfg.model_type == "mistral":
         kwargs.update(sliding_window=cfg.sliding_window)
     hf = AutoConfig.for_model(cfg.model_type, **kwargs).to_dict()
-    hf.update(architectures=[{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[cfg.model_type]], **extra)
+    hf.update(architectures=[ARCHITECTURES[cfg.model_type]], **extra)
     hf["dtype"] = cfg.param_dtype
+    if cfg.model_type in GEMMA_DEFAULTS:  # the switches must be the family's: read it back
+        back = config_from_hf(hf, cfg.dtype, cfg.param_dtype, cfg.remat, cfg.attention)
+        if back != cfg:
+            diff = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(back, f.name)]
+            raise ValueError(f"a {cfg.model_type} config.json cannot express this model: {', '.join(diff)} differ")
     return hf
 
 
@@ -146,11 +165,11 @@ _TOP = {
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
-def hf_name(path) -> tuple:
-    """(HF tensor name, to_ours, to_hf) for one of our parameter paths."""
+def hf_name(path, post_norms: bool = False) -> tuple:
+    """(HF tensor name, to_ours, to_hf) for one of our parameter paths (post_norms: Gemma-2's names)."""
     path = tuple(path)
     if path[0] == "layers":
-        name, fns = _LAYER[path[2:]]
+        name, fns = (POST_NORMS if post_norms and path[2:] in POST_NORMS else _LAYER)[path[2:]]
         return f"model.layers.{path[1]}.{name}", *fns
     name, fns = _TOP[path]
     return name, *fns
@@ -203,7 +222,7 @@ def load_pretrained(path: str, dtype="float32", param_dtype="float32", remat="no
     flat = dict(nnx.to_flat_state(state))
     used = set()
     for key, var in flat.items():
-        name, to_ours, to_hf = hf_name(key)
+        name, to_ours, to_hf = hf_name(key, cfg.post_norms)
         if name not in files:
             raise ValueError(f"tensor {name!r} (for parameter {'.'.join(map(str, key))}) is missing from {path}")
         # Open per tensor: closing unmaps the file, so its pages do not pile up in memory.
@@ -248,7 +267,7 @@ def _hf_tensors(model: CausalLM):
     for key, var in flat.items():
         if isinstance(var, LoRAParam):  # folded into its kernel below: the export is a plain model
             continue
-        name, _, to_hf = hf_name(key)
+        name, _, to_hf = hf_name(key, model.cfg.post_norms)
         w = fetch(var.get_value())
         if key[-1] == "kernel" and key[:-1] in scales:
             a, b = (fetch(flat[key[:-1] + (n,)].get_value()) for n in ("lora_a", "lora_b"))

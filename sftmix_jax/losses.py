@@ -43,7 +43,7 @@ def ntp_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, chunk: int | None 
     scale = jax.lax.stop_gradient(1.0 / jnp.maximum(count if total is None else total, 1.0))
     h_RTD, weights_RT, targets_RT, active = responses_first(h_BLD, weights_BL, targets_BL)
     rows = h_RTD.shape[1] // h_BLD.shape[1]
-    loss, _ = fused_head_loss(_ntp_piece, head.vd, head.dtype, chunk and rows * chunk, h_RTD, head.w,
+    loss, _ = fused_head_loss(head.capped(_ntp_piece), head.vd, head.dtype, chunk and rows * chunk, h_RTD, head.w,
                               (targets_RT, weights_RT), (scale,), active)
     return loss, {"ntp_loss": loss, "tokens": count}
 
@@ -78,7 +78,7 @@ def response_nll(h_BLD, head: LinearHead, targets_BL, weights_BL):
     h_RTD, weights_RT, targets_RT, row_RT, active = responses_first(h_BLD, weights_BL, targets_BL, row_BL)
     rows = h_RTD.shape[1] // L  # rows per shard
     piece = functools.partial(_row_nll_piece, rows=rows)
-    _, nll_Rr = fused_head_loss(piece, head.vd, head.dtype, None, h_RTD, head.w,
+    _, nll_Rr = fused_head_loss(head.capped(piece), head.vd, head.dtype, None, h_RTD, head.w,
                                 (targets_RT, weights_RT, row_RT % rows), (), active)
     return nll_Rr.reshape(B)
 
@@ -207,7 +207,7 @@ def _fused_sftmix_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, mu, ntp,
     scales = jax.lax.stop_gradient((1.0 / jnp.maximum(tokens_n, 1.0) if ntp else 0.0, mu / jnp.maximum(mix_n, 1.0)))
     piece = _sftmix_piece if ntp else _mixup_only_piece
     active = jnp.max(jnp.sum(weights_BL > 0, axis=1))  # positions past every row's responses: skipped
-    loss, (nll, mix) = fused_head_loss(piece, head.vd, head.dtype, chunk, h_perm, head.w,
+    loss, (nll, mix) = fused_head_loss(head.capped(piece), head.vd, head.dtype, chunk, h_perm, head.w,
                                        (targets_perm, weights_perm, valid_ML), (lam_M, *scales), active)
     mixup = mix / jnp.maximum(mix_n, 1.0)
     aux = {"mixup_loss": mixup, "mixup_tokens": mix_count}

@@ -12,7 +12,7 @@ from flax import nnx
 from conftest import mesh_of, tiny_config
 from sftmix_jax import hf, sharding
 from sftmix_jax.data import batching, sources, synthetic
-from sftmix_jax.ops.attention import causal_attention, float64_attention
+from sftmix_jax.ops.attention import causal_attention, explicit_attention
 from sftmix_jax import losses, trainer
 from sftmix_jax import config as config_lib
 
@@ -39,13 +39,13 @@ def test_dtypes_are_validated_and_float64_asks_for_x64():
     assert not config_lib.needs_x64(tiny_config(**{"model.dtype": "bfloat16"}))
 
 
-def test_float64_attention_is_dot_product_attention_in_float64():
+def test_explicit_attention_is_dot_product_attention_in_float64():
     r = np.random.default_rng(0)
     with jax.enable_x64(True):
         q, k, v = (jnp.asarray(r.normal(size=(2, 6, n, 8))) for n in (4, 2, 2))
         mask = jnp.asarray(r.random((2, 1, 6, 6)) > 0.3).at[0, 0, 2].set(False)  # one row fully masked
         want = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=0.3)  # its softmax is float32
-        got = float64_attention(q, k, v, mask=mask, scale=0.3)
+        got = explicit_attention(q, k, v, mask=mask, scale=0.3)
         assert got.dtype == jnp.float64
         np.testing.assert_allclose(got, want, atol=1e-6)
         causal = causal_attention(q, k, v, 0.3, block=4)  # the unmasked path keeps float64 too

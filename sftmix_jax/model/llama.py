@@ -1,4 +1,5 @@
-"""A Flax NNX decoder-only LM for the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2).
+"""A Flax NNX decoder-only LM for the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2) and
+Gemma (v1) / Gemma-2, which differ by a few switches in ModelConfig.
 
 Plain layers: the attention kernels and the CPU matmul live in ops/, the adapters in lora.py.
 Shape letters: sftmix_jax/__init__.py.
@@ -25,6 +26,7 @@ from sftmix_jax.ops.fused_head import LinearHead
 from sftmix_jax.sharding import RULES, constrain
 
 REMAT = ("none", "full", "dots")
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,13 +49,27 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral
     max_position_embeddings: int = 4096
     initializer_range: float = 0.02
-    model_type: str = "llama"  # llama | mistral | qwen2: the HF architecture we export as
+    model_type: str = "llama"  # llama | mistral | qwen2 | gemma | gemma2: the HF architecture we export as
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots: activation checkpointing per decoder block
     attention: str = "auto"  # auto | blocked | xla | cudnn | splash: the causal (training/scoring) kernel
+    # Gemma (v1) and Gemma-2
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w), w zero-initialised
+    activation: str = "silu"  # silu | gelu_tanh: the gated MLP's (GeGLU with gelu_tanh)
+    post_norms: bool = False  # Gemma-2: norms on the attention and MLP outputs before the residual add
+    query_pre_attn_scalar: float | None = None  # queries scaled by this**-0.5; None: head_dim**-0.5
+    attn_softcap: float | None = None  # Gemma-2: attention logits cap * tanh(s / cap), before the mask
+    final_softcap: float | None = None  # Gemma-2: the same on the output logits
+    sliding_layers: tuple = ()  # per layer, whether sliding_window applies; () = every layer (Mistral)
 
     def __post_init__(self):
+        object.__setattr__(self, "sliding_layers", tuple(bool(s) for s in self.sliding_layers))  # hashable
+        if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
+            raise ValueError(f"model sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
         if self.attention not in ATTENTION:
             raise ValueError(f"model attention {self.attention!r} is not one of {', '.join(ATTENTION)}")
         if self.remat not in REMAT:
@@ -62,6 +78,10 @@ class ModelConfig:
     @property
     def rope(self) -> dict:
         return dict(self.rope_scaling)
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer`, None for full attention."""
+        return self.sliding_window if not self.sliding_layers or self.sliding_layers[layer] else None
 
 
 # ----------------------------------------------------------------------------------------
@@ -129,15 +149,17 @@ class Dense(nnx.Module):
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim, eps, cfg: ModelConfig):
-        self.eps = eps
-        self.scale = nnx.Param(
-            jnp.ones((dim,), cfg.param_dtype), out_sharding=("norm",), eager_sharding=False
-        )
+        self.eps, self.plus_one = eps, cfg.norm_plus_one
+        init = jnp.zeros if cfg.norm_plus_one else jnp.ones  # Gemma's w is an offset from 1
+        self.scale = nnx.Param(init((dim,), cfg.param_dtype), out_sharding=("norm",), eager_sharding=False)
 
     def __call__(self, x_BLD):
-        # As in transformers: normalise in float32 (float64 stays float64), cast back, then scale.
+        # As in transformers: normalise in float32 (float64 stays float64); Llama casts back, then
+        # scales; Gemma scales by (1 + w) in float32, then casts.
         x = x_BLD.astype(jnp.promote_types(x_BLD.dtype, jnp.float32))
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (x * (1.0 + self.scale[...].astype(x.dtype))).astype(x_BLD.dtype)
         return self.scale[...].astype(x_BLD.dtype) * x.astype(x_BLD.dtype)
 
 
@@ -149,8 +171,8 @@ class Attention(nnx.Module):
         self.k = Dense("BLD,DKH->BLKH", (D, K, H), ("embed", "kv_heads", "head_dim"), qkv_bias, cfg, rngs)
         self.v = Dense("BLD,DKH->BLKH", (D, K, H), ("embed", "kv_heads", "head_dim"), qkv_bias, cfg, rngs)
         self.o = Dense("BLNH,NHD->BLD", (N, H, D), ("heads", "head_dim", "embed"), cfg.o_bias, cfg, rngs)
-        self.scale = H**-0.5
-        self.impl, self.dtype = cfg.attention, cfg.dtype
+        self.scale = (cfg.query_pre_attn_scalar or H) ** -0.5
+        self.impl, self.dtype, self.softcap = cfg.attention, cfg.dtype, cfg.attn_softcap
 
     def __call__(self, x_BLD, cos_BLH, sin_BLH, mask_BLS, cache=None, index=None):
         q_BLNH = constrain(apply_rope(self.q(x_BLD), cos_BLH, sin_BLH), ("act_batch", "act_length", "act_heads", None))
@@ -163,8 +185,8 @@ class Attention(nnx.Module):
         k_BLKH, v_BLKH = k_BLKH.astype(q_BLNH.dtype), v_BLKH.astype(q_BLNH.dtype)
         if mask_BLS is None:  # training / scoring: right-padded rows need the causal mask only
             out_BLNH = attention.causal(q_BLNH, k_BLKH, v_BLKH, self.scale, self.impl, self.dtype)
-        else:
-            out_BLNH = attention.masked(q_BLNH, k_BLKH, v_BLKH, mask_BLS, self.scale)
+        else:  # soft-capped layers always come here (the fused kernels do not cap)
+            out_BLNH = attention.masked(q_BLNH, k_BLKH, v_BLKH, mask_BLS, self.scale, self.softcap)
         return self.o(out_BLNH), cache
 
 
@@ -174,9 +196,10 @@ class MLP(nnx.Module):
         self.gate = Dense("BLD,DF->BLF", (D, F), ("embed", "mlp"), b, cfg, rngs)
         self.up = Dense("BLD,DF->BLF", (D, F), ("embed", "mlp"), b, cfg, rngs)
         self.down = Dense("BLF,FD->BLD", (F, D), ("mlp", "embed"), b, cfg, rngs)
+        self.act = ACTIVATIONS[cfg.activation]
 
     def __call__(self, x_BLD):
-        h_BLF = constrain(jax.nn.silu(self.gate(x_BLD)) * self.up(x_BLD), ("act_batch", "act_length", "act_mlp"))
+        h_BLF = constrain(self.act(self.gate(x_BLD)) * self.up(x_BLD), ("act_batch", "act_length", "act_mlp"))
         return self.down(h_BLF)
 
 
@@ -186,12 +209,41 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
         self.mlp = MLP(cfg, rngs)
+        # Gemma-2 normalises each sublayer's output too (HF: post_attention_layernorm and
+        # post_feedforward_layernorm; its pre_feedforward_layernorm is our mlp_norm)
+        post = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg) if cfg.post_norms else None  # noqa: E731
+        self.post_attn_norm, self.post_mlp_norm = post(), post()
 
     def __call__(self, x_BLD, cos_BLH, sin_BLH, mask_BLS, cache=None, index=None):
         a_BLD, cache = self.attn(self.attn_norm(x_BLD), cos_BLH, sin_BLH, mask_BLS, cache, index)
-        x_BLD = x_BLD + a_BLD
-        x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
+        x_BLD = x_BLD + (a_BLD if self.post_attn_norm is None else self.post_attn_norm(a_BLD))
+        m_BLD = self.mlp(self.mlp_norm(x_BLD))
+        x_BLD = x_BLD + (m_BLD if self.post_mlp_norm is None else self.post_mlp_norm(m_BLD))
         return constrain(x_BLD, ("act_batch", "act_length", "act_embed")), cache
+
+
+def layer_masks(cfg: ModelConfig, B, L, attention_mask_BS, S=None, index=None) -> list:
+    """Per layer, the attention mask [B, L, S] (True: may attend), or None where the causal mask
+    alone will do (the fast kernels). S/index: the cache length and first slot when decoding.
+
+    A mask where there is padding to hide, a cache, a window shorter than L or a soft-cap.
+    Sliding windows count cache slots, which equal positions for left-padded prompts.
+    """
+    made = {}
+
+    def mask(window):
+        if window not in made:
+            q_L1 = (0 if S is None else index) + jnp.arange(L)[:, None]
+            k_1S = jnp.arange(L if S is None else S)[None, :]
+            allowed_LS = (k_1S <= q_L1) & ((q_L1 - k_1S < window) if window else True)
+            valid_BS = (jnp.ones((B, k_1S.shape[1]), bool) if attention_mask_BS is None
+                        else attention_mask_BS.astype(bool))
+            made[window] = allowed_LS[None] & valid_BS[:, None, :]
+        return made[window]
+
+    simple = attention_mask_BS is None and S is None and not cfg.attn_softcap
+    windows = [cfg.window(i) for i in range(cfg.num_layers)]
+    return [None if simple and not (w and L > w) else mask(w) for w in windows]
 
 
 REMAT_POLICIES = {
@@ -233,27 +285,20 @@ class CausalLM(nnx.Module):
         freqs_BLH = jnp.concatenate([freqs_BLh, freqs_BLh], axis=-1)
         cos_BLH, sin_BLH = jnp.cos(freqs_BLH), jnp.sin(freqs_BLH)
 
-        mask_BLS = None
-        window = cfg.sliding_window
-        if attention_mask_BS is not None or cache is not None or (window and L > window):
-            S = L if cache is None else cache[0]["k"].shape[1]
-            q_L1 = (0 if cache is None else index) + jnp.arange(L)[:, None]
-            k_1S = jnp.arange(S)[None, :]
-            allowed_LS = (k_1S <= q_L1) & ((q_L1 - k_1S < window) if window else True)
-            valid_BS = jnp.ones((B, S), bool) if attention_mask_BS is None else attention_mask_BS.astype(bool)
-            mask_BLS = allowed_LS[None] & valid_BS[:, None, :]
-
+        masks = layer_masks(cfg, B, L, attention_mask_BS, None if cache is None else cache[0]["k"].shape[1], index)
         x_BLD = jnp.take(self.embed[...], input_ids_BL, axis=0).astype(cfg.dtype)
+        if cfg.embed_scale:  # Gemma: HF casts the normaliser to the hidden dtype first
+            x_BLD = x_BLD * jnp.asarray(cfg.hidden_size**0.5, x_BLD.dtype)
         x_BLD = constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
         new_cache = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
             if cfg.remat != "none" and cache is None:
                 x_BLD, _ = nnx.remat(lambda blk, *a: blk(*a), policy=REMAT_POLICIES[cfg.remat])(
-                    layer, x_BLD, cos_BLH, sin_BLH, mask_BLS
+                    layer, x_BLD, cos_BLH, sin_BLH, masks[i]
                 )
             else:
-                x_BLD, layer_cache = layer(x_BLD, cos_BLH, sin_BLH, mask_BLS, layer_cache, index)
+                x_BLD, layer_cache = layer(x_BLD, cos_BLH, sin_BLH, masks[i], layer_cache, index)
             new_cache.append(layer_cache)
         h_BLD = self.norm(x_BLD)
         return (h_BLD, new_cache) if cache is not None else h_BLD
@@ -265,12 +310,15 @@ class CausalLM(nnx.Module):
             logits = jnp.einsum("...D,VD->...V", h_BLD.astype(dtype), self.embed[...].astype(dtype))
         else:
             logits = jnp.einsum("...D,DV->...V", h_BLD.astype(dtype), self.lm_head[...].astype(dtype))
+        cap = self.cfg.final_softcap
+        if cap:  # Gemma-2, as HF: logits / cap, tanh, * cap
+            logits = jnp.tanh(logits / cap) * cap
         return constrain(logits, ("act_batch",) + (None,) * (logits.ndim - 2) + ("act_vocab",))
 
     def linear_head(self) -> LinearHead:
         """`head` with its weight exposed, so the training losses can fuse it (ops/fused_head.py)."""
         w = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...]
-        return LinearHead(w, self.cfg.tie_embeddings, jnp.dtype(self.cfg.dtype), self.head)
+        return LinearHead(w, self.cfg.tie_embeddings, jnp.dtype(self.cfg.dtype), self.head, self.cfg.final_softcap)
 
     def __call__(self, input_ids_BL, attention_mask_BS=None):
         return self.head(self.hidden(input_ids_BL, attention_mask_BS))

@@ -1,5 +1,6 @@
 """Attention kernels and the choice among them by backend. The model calls `causal` (training and
-scoring: right-padded rows need the causal mask only) and `masked` (decoding, padded prompts).
+scoring: right-padded rows need the causal mask only) and `masked` (decoding, padded prompts,
+windows shorter than the sequence, soft-capped logits).
 """
 import functools
 
@@ -21,24 +22,33 @@ def causal(q_BLNH, k_BLKH, v_BLKH, scale, attention: str, dtype):
     return jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, scale=scale, is_causal=True, implementation=impl)
 
 
-def masked(q_BLNH, k_BSKH, v_BSKH, mask_BLS, scale):
-    """Attention under an explicit mask [B, L, S] (float64 keeps its softmax in float64)."""
-    if q_BLNH.dtype == jnp.float64:
-        return float64_attention(q_BLNH, k_BSKH, v_BSKH, mask=mask_BLS[:, None], scale=scale)
+def masked(q_BLNH, k_BSKH, v_BSKH, mask_BLS, scale, softcap=None):
+    """Attention under an explicit mask [B, L, S] (float64 keeps its softmax in float64).
+
+    softcap (Gemma-2): logits cap * tanh(s / cap) before the mask, which no fused kernel does, so
+    those layers take the plain XLA path (`explicit_attention`).
+    """
+    if q_BLNH.dtype == jnp.float64 or softcap:
+        return explicit_attention(q_BLNH, k_BSKH, v_BSKH, mask=mask_BLS[:, None], scale=scale, softcap=softcap)
     return jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask=mask_BLS[:, None], scale=scale)
 
 
-def float64_attention(q_BLNH, k_BSKH, v_BSKH, *, mask, scale):
-    """Masked jax.nn.dot_product_attention with the softmax in float64 (that one is always float32).
+def explicit_attention(q_BLNH, k_BSKH, v_BSKH, *, mask, scale, softcap=None):
+    """Masked attention written out in XLA ops: masked jax.nn.dot_product_attention with the
+    softmax in float32 at least (there always float32, so float64 stays float64 here) and an
+    optional logit soft-cap, as transformers' eager Gemma-2 attention.
 
     mask: [B, 1, L, S]. The unmasked causal path is `causal_attention`, which keeps float64 itself.
     """
     B, L, N, H = q_BLNH.shape
     K = k_BSKH.shape[2]
     q_BLKGH = q_BLNH.reshape(B, L, K, N // K, H)  # query head n attends with kv head n // (N/K)
-    logits_BKGLS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BLKGH, k_BSKH) * scale
-    logits_BKGLS = jnp.where(mask[:, :, None], logits_BKGLS, jnp.finfo(logits_BKGLS.dtype).min)
-    probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1)
+    acc = jnp.promote_types(q_BLNH.dtype, jnp.float32)
+    logits_BKGLS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BLKGH, k_BSKH).astype(acc) * scale
+    if softcap:
+        logits_BKGLS = jnp.tanh(logits_BKGLS / softcap) * softcap
+    logits_BKGLS = jnp.where(mask[:, :, None], logits_BKGLS, jnp.finfo(acc).min)
+    probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(v_BSKH.dtype)
     return jnp.einsum("BKGLS,BSKH->BLKGH", probs_BKGLS, v_BSKH).reshape(B, L, N, H)
 
 

@@ -29,15 +29,30 @@ from sftmix_jax.sharding import constrain
 class LinearHead:
     """The model's output projection, as a Head (call it for logits) that losses can also fuse.
 
-    w: [V, D] if vd (a tied input embedding) else [D, V]; dtype: the compute dtype.
+    w: [V, D] if vd (a tied input embedding) else [D, V]; dtype: the compute dtype; softcap:
+    Gemma-2's final logit cap, which `call` applies and fused losses take via `capped`.
     """
     w: jax.Array
     vd: bool
     dtype: Any
     call: Callable[[jax.Array], jax.Array]  # h -> logits, the model's own head
+    softcap: float | None = None
 
     def __call__(self, h):
         return self.call(h)
+
+    def capped(self, loss_fn):
+        """The per-chunk loss_fn for fused_head_loss, on this head's (soft-capped) logits."""
+        return softcapped(loss_fn, self.softcap) if self.softcap else loss_fn
+
+
+@functools.cache  # one function per (loss_fn, cap): a stable static argument for jit and custom_vjp
+def softcapped(loss_fn, cap):
+    """loss_fn of cap * tanh(logits / cap), as the model's head; autodiff takes the chain rule."""
+    def fn(logits_BcV, xs, consts):
+        return loss_fn(jnp.tanh(logits_BcV / cap) * cap, xs, consts)
+
+    return fn
 
 
 @jax.custom_vjp
