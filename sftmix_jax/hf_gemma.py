@@ -40,6 +40,11 @@ GEMMA_OFF = dict(embed_scale=False, norm_plus_one=False, activation="silu", post
                   query_pre_attn_scalar=None, attn_softcap=None, final_softcap=None, sliding_layers=())
 
 
+def _int_if_whole(x):
+    """transformers' Gemma2Config validates query_pre_attn_scalar as an int."""
+    return int(x) if float(x).is_integer() else x
+
+
 def gemma_to_hf(cfg: ModelConfig) -> dict:
     """config.json entries of a Gemma (v1) / Gemma-2 model beyond Llama's."""
     if cfg.qkv_bias != cfg.o_bias:
@@ -48,7 +53,7 @@ def gemma_to_hf(cfg: ModelConfig) -> dict:
     if cfg.model_type == "gemma2":
         layers = cfg.sliding_layers or (cfg.sliding_window is not None,) * cfg.num_layers
         kwargs.update(
-            hidden_activation=GELU_TANH, query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+            hidden_activation=GELU_TANH, query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar or cfg.head_dim),
             attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap,
             # transformers builds the sliding mask even with no sliding layer: any window will do
             sliding_window=cfg.sliding_window or cfg.max_position_embeddings,

@@ -1,17 +1,18 @@
 """Weak-to-strong (SFTMIX.md, stage 1): a reference model with its own tokenizer and chat template.
 
-The target is the tiny pipeline's byte-level model; the reference is another model with a BPE
+The target is the tiny pipeline's byte-level Llama; the reference is a Gemma-2 with a BPE
 tokenizer learnt in code (other ids for the same text). The reference trains and replays its own
 tokenization of the same rows; its scores join the target's examples by id; the NTP baseline is
 an NTP run of the target model.
 """
+import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 
 W2S = {"train.steps": 12, "train.save_every": 4, "train.eval_every": 12, "evaluate.exact_match": False,
        "data.synthetic.num_train": 96, "data.synthetic.num_eval": 16}
@@ -19,17 +20,11 @@ W2S = {"train.steps": 12, "train.save_every": 4, "train.eval_every": 12, "evalua
 
 @pytest.fixture(scope="module")
 def weak_reference(tmp_path_factory):
-    """A tiny random Llama with the BPE tokenizer, in HF format (as a user's weak model would be)."""
-    from sftmix_jax import hf
-    from sftmix_jax.data import synthetic
-    from sftmix_jax.model.llama import ModelConfig, init_model
-
-    tok = synthetic.bpe_tokenizer()
-    cfg = ModelConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=128, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=12, tie_embeddings=True)
-    d = str(tmp_path_factory.mktemp("weak") / "hf")
-    hf.save_pretrained(init_model(cfg, seed=1), d, tokenizer=tok)
-    return d
+    """A tiny random Gemma-2 (the paper's weak reference is Gemma) with the BPE tokenizer, in HF format."""
+    spec = importlib.util.spec_from_file_location("weak_reference", os.path.join(ROOT, "tools", "weak_reference.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool.write(str(tmp_path_factory.mktemp("weak") / "hf"), "gemma2", seed=1)
 
 
 @pytest.fixture(scope="module")
