@@ -94,8 +94,8 @@ def _pieces(x, chunk, n):
     return jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def fused_head_loss(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts, active=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 9))
+def fused_head_loss(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts, active=None, precision=None):
     """loss_fn(logits [B, c, V], xs chunk, consts) -> (scalar, aux), summed over the L chunks.
 
     h_BLD: hidden states; w: the head weight ([V, D] if vd else [D, V]); xs: arrays [X, L, ...]
@@ -103,8 +103,10 @@ def fused_head_loss(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts, active=None
     active: None, or a traced int: positions >= active carry zero weight in every row, so only
     the chunks before it run (a loop with a data-dependent trip count; their loss and aux must be
     zero there). Differentiable in h_BLD and w only. Returns (loss, aux) with aux summed over chunks.
+    precision: of the logits matmul (scoring: HIGHEST with dtype float32, which TPU/GPU would otherwise
+    run as one bfloat16 / TF32 pass).
     """
-    return _fused(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts, active, grads=False)[0]
+    return _fused(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts, active, grads=False, precision=precision)[0]
 
 
 MIN_CHUNK_LOGITS = 2**21  # smaller chunks save less than their fixed cost and their compile time
@@ -135,7 +137,7 @@ def pick_chunk(active, sizes, rows, cost):
     return jnp.argmin(jnp.stack([(active + c - 1) // c * (rows * c + cost) for c in sizes]))
 
 
-def _fused(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts, active=None, grads=True, w_grad=True):
+def _fused(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts, active=None, grads=True, w_grad=True, precision=None):
     B, L, D = h_BLD.shape
     # W in its own layout for the logits and dh (a transposed copy would cost D x V more memory
     # and no time); dW accumulates as [D, V], which XLA:CPU computes faster than [V, D].
@@ -148,7 +150,7 @@ def _fused(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts, active=None, grads=T
     def body(dw_DV, piece):
         h_BcD, xs_c = piece
         h_BcD = h_BcD.astype(dtype)
-        logits_BcV = constrain(jnp.einsum(f"BcD,{w_spec}->BcV", h_BcD, w_), ("act_batch", None, "act_vocab"))
+        logits_BcV = constrain(jnp.einsum(f"BcD,{w_spec}->BcV", h_BcD, w_, precision=precision), ("act_batch", None, "act_vocab"))
         if not grads:
             return dw_DV, (loss_fn(logits_BcV, xs_c, consts), None)
         (loss, aux), d_BcV = value_and_grad(logits_BcV, xs_c, consts)
@@ -194,14 +196,14 @@ def _fused(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts, active=None, grads=T
     return result, (dh_BLD.astype(h_BLD.dtype), dw)
 
 
-def _fused_fwd(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts, active):
+def _fused_fwd(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts, active, precision):
     # symbolic_zeros: inputs come wrapped, telling whether each is being differentiated
     value = lambda tree: jax.tree.map(lambda p: p.value, tree)  # noqa: E731
     return _fused(loss_fn, vd, dtype, chunk, value(h_BLD), w.value, value(xs), value(consts), value(active),
-                  w_grad=w.perturbed)
+                  w_grad=w.perturbed, precision=precision)
 
 
-def _fused_bwd(loss_fn, vd, dtype, chunk, res, g):
+def _fused_bwd(loss_fn, vd, dtype, chunk, precision, res, g):
     dh_BLD, dw = res
     g_loss = g[0]  # aux carries no gradient
     dw = None if dw is None else g_loss.astype(dw.dtype) * dw
