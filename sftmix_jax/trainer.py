@@ -7,8 +7,6 @@ batch is a pure function of the step and the dropout-free loss needs randomness 
 fold_in(seed, step), so a run restored from a checkpoint at step s continues exactly as if it had
 never stopped.
 """
-import hashlib
-import json
 import os
 import signal
 import sys
@@ -20,13 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
 from sftmix_jax import checkpoints, hf, multihost, scoring, sharding
 from sftmix_jax.data import sources
 from sftmix_jax.data.batching import padding_report
+from sftmix_jax.metrics_log import MetricsLog
 from sftmix_jax.model import lora
 from sftmix_jax.ops import cpu
 
@@ -163,52 +161,6 @@ class watch_signals:
         self.previous = {}
 
 
-class MetricsLog:
-    """metrics.jsonl + TensorBoard (+ Weights & Biases when a project is named); on resume, rows
-    past the restored step are dropped."""
-
-    def __init__(self, stage_dir: str, start_step: int, enabled: bool = True, wandb_project: str = "",
-                 run_config: dict | None = None):
-        self.enabled, self.wandb = enabled, None
-        self.path = epath.Path(stage_dir, "metrics.jsonl")
-        if not enabled:
-            return
-        if self.path.exists():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
-        from tensorboardX import SummaryWriter
-
-        self.tb = SummaryWriter(os.path.join(stage_dir, "tb"), purge_step=start_step + 1)
-        if wandb_project:
-            try:
-                import wandb
-            except ImportError as e:
-                raise ImportError(f"config.train.wandb_project={wandb_project!r} needs `pip install wandb` "
-                                  "(or set it to '' for TensorBoard only)") from e
-            # One W&B run per stage directory, resumed under the same id after a restart.
-            name = os.path.basename(os.path.dirname(os.path.abspath(stage_dir))) + "/" + os.path.basename(stage_dir)
-            run_id = hashlib.sha1(os.path.abspath(stage_dir).encode()).hexdigest()[:16]
-            self.wandb = wandb.init(project=wandb_project, name=name, id=run_id, resume="allow",
-                                    config=run_config or {}, dir=stage_dir)
-
-    def write(self, step: int, metrics: dict):
-        if not self.enabled:
-            return
-        metrics = {k: float(v) for k, v in metrics.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        for k, v in metrics.items():
-            self.tb.add_scalar(k, v, step)
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-
-    def close(self):
-        if self.enabled:
-            self.tb.close()
-            if self.wandb is not None:
-                self.wandb.finish()
-
-
 # ----------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------
@@ -303,6 +255,7 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
                 if must_save:
                     checkpoints.save(mngr, done, params, opt_state,
                                      {"step": done, "epoch": done / batches.steps_per_epoch})
+                    log.sync()  # object stores: the rows so far, copied whole
                 if must_eval:
                     progress.bar.set_postfix_str(f"eval_loss={evaluate(done)['loss']:.4f}", refresh=False)
                 progress.reset_clock()

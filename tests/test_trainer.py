@@ -181,22 +181,3 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog
     assert any(d.startswith("4.unreadable") for d in os.listdir(tmp_path / "broken" / "checkpoints"))
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
-
-
-def test_metrics_go_to_wandb_when_a_project_is_named(tmp_path, monkeypatch):
-    """W&B is optional: a stand-in module records what MetricsLog sends; '' never imports it."""
-    import sys
-    import types
-
-    calls = []
-    run = types.SimpleNamespace(log=lambda m, step: calls.append(("log", step, m)), finish=lambda: calls.append(("finish",)))
-    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or run)
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    log = trainer.MetricsLog(str(tmp_path / "reference"), 0, wandb_project="proj", run_config={"seed": 0})
-    log.write(10, {"loss": 1.5})
-    log.close()
-    assert calls[0][0] == "init" and calls[0][1]["project"] == "proj" and calls[0][1]["config"] == {"seed": 0}
-    assert calls[1:] == [("log", 10, {"loss": 1.5}), ("finish",)]
-    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: a clear error naming the key
-    with pytest.raises(ImportError, match="wandb_project='proj'.*pip install wandb"):
-        trainer.MetricsLog(str(tmp_path / "sftmix"), 0, wandb_project="proj")
