@@ -52,6 +52,7 @@ def get_config(arg="llama31_8b_alpaca"):
     model, source, fmt, epochs = EXPERIMENTS[arg]
     c = config.defaults()  # everything not set here: sftmix_jax/config.py (the paper's SFTMix settings)
     c.model.update(dict(source=model, dtype="bfloat16", remat="full"))
+    c.export.dtype = "bfloat16"  # the HF exports: half the size of the float32 master weights
     c.data.update(dict(source=source, format=fmt, max_length=1024, eval_fraction=0.02, buckets=(256, 512, 768, 1024),
                        template="alpaca"))  # base models: the Stanford Alpaca prompt (+ EOS)
     c.train.update(dict(epochs=epochs, min_lr_ratio=0.0, b2=0.999, ce_chunk=256))

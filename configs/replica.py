@@ -51,6 +51,7 @@ def get_config(arg="qwen25_05b_medalpaca"):
     model, source, _, lr = RUNS[name]
     c = config.defaults()  # everything not set here: sftmix_jax/config.py
     c.model.update(dict(source=model, dtype="bfloat16", remat="full"))
+    c.export.dtype = "bfloat16"  # the HF exports: half the size of the float32 master weights
     c.data.update(dict(source=source, num_examples=a["rows"], eval_fraction=0.02, max_length=512,
                        buckets=(128, 256, 384, 512), template="alpaca"))  # base models: the Alpaca prompt (+ EOS)
     c.train.update(dict(epochs=3.0, lr=lr, min_lr_ratio=0.0, b2=0.999, eval_every=200, save_every=200))

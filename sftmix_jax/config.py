@@ -87,6 +87,8 @@ def _model_problems(c) -> list[str]:
     for key in ("dtype", "param_dtype"):
         if c.model[key] not in DTYPES:
             problems.append(f"config.model.{key}={c.model[key]!r}: use one of {', '.join(DTYPES)}")
+    if c.get("export", {}).get("dtype") not in ("", None, *DTYPES):
+        problems.append(f"config.export.dtype={c.export.dtype!r}: use '' (model.param_dtype) or one of {', '.join(DTYPES)}")
     if c.model.get("remat", "none") not in REMAT:
         problems.append(f"config.model.remat={c.model.remat!r}: use one of {', '.join(REMAT)}")
     if c.model.get("attention", "auto") not in ATTENTION:
@@ -206,6 +208,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.confidence = ml_collections.ConfigDict(dict(batch_size=64, split="confidence"))  # or 'random' (the control)
     c.sftmix = ml_collections.ConfigDict(dict(mu=0.2, alpha=0.5, per_pair=False, ntp=True,
                                               pairing="random"))  # 'length': pair similar response lengths
+    c.export = ml_collections.ConfigDict(dict(dtype=""))  # DIR/<stage>/hf weights: '' = model.param_dtype
     c.lora = lora.default_config()  # rank > 0: LoRA adapters only (the compute-constrained setting)
     # Device mesh: -1 takes the devices left over. FSDP shards parameters and optimizer state
     # over `fsdp`; tensor parallelism shards heads, MLP and vocabulary over `tensor`.

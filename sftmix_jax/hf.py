@@ -16,9 +16,9 @@ from absl import logging
 from etils import epath
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from sftmix_jax.hf_gemma import GEMMA_OFF, POST_NORMS, GEMMA_DEFAULTS, GELU_TANH, gemma_fields, gemma_to_hf
+from sftmix_jax import hf_export
 from sftmix_jax.model.llama import CausalLM, ModelConfig, abstract_model
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gemma", "gemma2")
@@ -275,51 +275,61 @@ def _hf_tensors(model: CausalLM):
         yield name, np.ascontiguousarray(to_hf(w))
 
 
-def save_pretrained(model: CausalLM, path: str, tokenizer=None, max_shard_bytes: int = SHARD_BYTES) -> None:
-    """Write config.json, safetensors (sharded above max_shard_bytes) and the tokenizer.
+def _adapters(model: CausalLM):
+    """(HF module name, A, B, scale) of every LoRA-adapted kernel, on the host."""
+    from sftmix_jax.multihost import fetch
 
+    for path, m in nnx.iter_modules(model):
+        if getattr(m, "lora_a", None) is not None:
+            name = hf_name(tuple(path) + ("kernel",), model.cfg.post_norms)[0].removesuffix(".weight")
+            yield name, fetch(m.lora_a.get_value()), fetch(m.lora_b.get_value()), m.lora_scale
+
+
+def save_pretrained(model: CausalLM, path: str, tokenizer=None, max_shard_bytes: int = SHARD_BYTES, *, dtype=None,
+                    source: str | None = None, chat_template: str | None = None, adapter_path: str | None = None) -> None:
+    """Write config.json, generation_config.json, safetensors (sharded above max_shard_bytes) and the tokenizer.
+
+    dtype: of the weights in the files (default: the parameters'). source: the HF directory the model
+    was loaded from: its special token ids and generation settings carry over. chat_template: the
+    prompt format the model was trained with, replacing the tokenizer's in the export.
+    adapter_path: under LoRA, a PEFT adapter directory there too (the export itself is merged).
     With several processes, call it on all of them: weights sharded across hosts are gathered
-    one at a time, and process 0 writes. A remote path (gs://...) is written locally first,
-    then copied.
+    one at a time, and process 0 writes. A remote path (gs://...) is written locally first, then copied.
     """
     from sftmix_jax import multihost
 
-    if _is_remote(path):
+    kw = dict(dtype=dtype, source=source, chat_template=chat_template)
+    if _is_remote(path) or (adapter_path and _is_remote(adapter_path)):
         with tempfile.TemporaryDirectory() as local:
-            save_pretrained(model, local, tokenizer, max_shard_bytes)
+            save_pretrained(model, os.path.join(local, "hf"), tokenizer, max_shard_bytes, **kw,
+                            adapter_path=os.path.join(local, "adapter") if adapter_path else None)
             if multihost.is_leader():
-                _copy_tree(epath.Path(local), epath.Path(path))
+                _copy_tree(epath.Path(local, "hf"), epath.Path(path))
+                if adapter_path:
+                    _copy_tree(epath.Path(local, "adapter"), epath.Path(adapter_path))
         return
-    tensors = _hf_tensors(model)
+    out_dtype = np.dtype(jnp.dtype(dtype or model.cfg.param_dtype))
+    tensors = ((name, w.astype(out_dtype, copy=False)) for name, w in _hf_tensors(model))
+    adapters = list(_adapters(model)) if adapter_path else []  # gathered on every process
     if not multihost.is_leader():
         for _ in tensors:  # the gathers are collectives: take part in each
             pass
         return
     os.makedirs(path, exist_ok=True)
-    extra = {}
     if tokenizer is not None:
-        extra = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        tokenizer.save_pretrained(path)
+        saved, tokenizer.chat_template = tokenizer.chat_template, chat_template or tokenizer.chat_template
+        try:
+            tokenizer.save_pretrained(path)
+        finally:
+            tokenizer.chat_template = saved
+    ids = hf_export.special_ids(tokenizer, source)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(model.cfg, **extra), f, indent=2)
-    shards, current, size = [], {}, 0
-    for name, w in tensors:
-        if current and size + w.nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name], size = w, size + w.nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in shard})
-        total += sum(w.nbytes for w in shard.values())
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        json.dump(hf_export.portable_config(config_to_hf(model.cfg, **ids), str(out_dtype)), f, indent=2)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump(hf_export.generation_config(tokenizer, source, ids), f, indent=2)
+    hf_export.write_safetensors(tensors, path, max_shard_bytes)
+    if adapters:
+        hf_export.write_peft_adapter(adapter_path, adapters, source or path, out_dtype)
 
 
 # ----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from sftmix_jax import checkpoints, hf, multihost, scoring, sharding
-from sftmix_jax.data import sources
+from sftmix_jax.data import render, sources
 from sftmix_jax.data.batching import padding_report
 from sftmix_jax.metrics_log import MetricsLog
 from sftmix_jax.model import lora
@@ -280,6 +280,17 @@ def total_steps(cfg, steps_per_epoch: int) -> int:
     return cfg.steps if cfg.steps > 0 else max(1, int(round(cfg.epochs * steps_per_epoch)))
 
 
+def export(run, stage: str, model, source: str) -> None:
+    """DIR/<stage>/hf (and DIR/<stage>/adapter under LoRA), on every process: weights in
+    config.export.dtype, the source's token ids and generation settings, the training prompt format."""
+    c = run.config
+    template = render.ALPACA_CHAT_TEMPLATE if c.data.template == "alpaca" else None
+    hf.save_pretrained(model, os.path.join(run.stage_dir(stage), "hf"), tokenizer=run.tokenizer,
+                       dtype=c.get("export", {}).get("dtype") or None, chat_template=template,
+                       source=None if source == "init" else hf.resolve(source),
+                       adapter_path=os.path.join(run.stage_dir(stage), "adapter") if lora.has_lora(model) else None)
+
+
 def run_stage(run, stage: str, model_cfg, batches, loss_fn, num_replay: int = 0) -> dict:
     """Load the model (with adapters under LoRA), train it, export it to DIR/<stage>/hf; the summary.
 
@@ -296,7 +307,7 @@ def run_stage(run, stage: str, model_cfg, batches, loss_fn, num_replay: int = 0)
     model, ev = train(run.stage_dir(stage), model, batches, held_out, loss_fn, c.train, mesh=run.mesh, seed=c.seed,
                       total_steps=steps, num_replay=num_replay, pad_id=run.pad_id, buckets=c.data.buckets,
                       desc=stage, run_config=c.to_dict())
-    hf.save_pretrained(model, os.path.join(run.stage_dir(stage), "hf"), tokenizer=run.tokenizer)  # on every process
+    export(run, stage, model, model_cfg.source)
     if ev is None:
         ev = scoring.heldout_loss(model, held_out, c.train.eval_batch_size, c.data.buckets, run.pad_id,
                                   run.mesh) if held_out else {}

@@ -6,6 +6,7 @@ turn, found as token differences between renderings of conversation prefixes.
 """
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 import numpy as np
@@ -107,6 +108,28 @@ def render_alpaca(messages: Sequence[dict], eos_token: str, add_generation_promp
         elif m["role"] == "assistant":
             text += f"\n\n### Response:\n{m['content']}{eos_token}"
     return text + ("\n\n### Response:\n" if add_generation_prompt else "")
+
+
+def _jinja_str(text: str) -> str:
+    return "{{ " + json.dumps(text) + " }}"  # a Jinja string literal reads JSON escapes (\n) as Python does
+
+
+# render_alpaca as a chat template: exported with Alpaca-trained models, so that
+# tokenizer.apply_chat_template (vLLM's chat endpoint, lm-eval's --apply_chat_template, our generate)
+# renders the prompt the model was trained on.
+ALPACA_CHAT_TEMPLATE = (
+    "{%- set users = messages | selectattr('role', 'equalto', 'user') | list -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}{{ messages[0]['content'] }}"
+    "{%- elif users and users[0].get('input') -%}" + _jinja_str(ALPACA_PREAMBLE_INPUT) +
+    "{%- else -%}" + _jinja_str(ALPACA_PREAMBLE) + "{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' and m.get('instruction') is not none and m.get('input') -%}"
+    + _jinja_str("\n\n### Instruction:\n") + "{{ m['instruction'] }}" + _jinja_str("\n\n### Input:\n") + "{{ m['input'] }}"
+    "{%- elif m['role'] == 'user' -%}" + _jinja_str("\n\n### Instruction:\n") + "{{ m['content'] }}"
+    "{%- elif m['role'] == 'assistant' -%}" + _jinja_str("\n\n### Response:\n") + "{{ m['content'] }}{{ eos_token }}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}" + _jinja_str("\n\n### Response:\n") + "{%- endif -%}"
+)
 
 
 def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
