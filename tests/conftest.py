@@ -12,6 +12,9 @@ from sftmix_jax.ops import cpu  # noqa: E402
 
 cpu.prefer_accurate_matmuls()  # in-process runs compute as `python -m sftmix_jax.main` does
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 
 
@@ -23,6 +26,21 @@ def smollm2_dir():
         pytest.skip(f"no SmolLM2 checkpoint at {path}: run `python ../shared/tools/smollm2_hf.py {path}` "
                     "or set SMOLLM2_DIR")
     return path
+
+
+@pytest.fixture(scope="session")
+def transformers4():
+    """A Python that imports transformers 4.x (a venv over this one's packages); skip where pip cannot make it."""
+    env = os.path.join(os.environ.get("SFTMIX_CACHE", os.path.expanduser("~/.cache/sftmix_jax")), "venv-transformers4")
+    python = os.path.join(env, "bin", "python")
+    probe = [python, "-c", "import transformers; assert transformers.__version__.startswith('4.')"]
+    if not (os.path.exists(python) and subprocess.run(probe, capture_output=True).returncode == 0):
+        made = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", env], capture_output=True)
+        pip = made.returncode == 0 and subprocess.run([python, "-m", "pip", "install", "-q", "transformers>=4.50,<5"],
+                                                      capture_output=True, timeout=600)
+        if not pip or pip.returncode != 0 or subprocess.run(probe, capture_output=True).returncode != 0:
+            pytest.skip("could not make a venv with transformers 4.x (offline?)")
+    return python
 
 
 # ----------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ dtype, and a PEFT adapter for LoRA runs (hf_export.py)."""
 import json
 import os
 import subprocess
-import sys
 import tempfile
 
 import numpy as np
@@ -41,19 +40,16 @@ def torch_logits(path):
         return model(torch.tensor(IDS)).logits.numpy()
 
 
-@pytest.fixture(scope="module")
-def transformers4():
-    """A Python that imports transformers 4.x (a venv over this one's packages); skip where pip cannot make it."""
-    env = os.path.join(os.environ.get("SFTMIX_CACHE", os.path.expanduser("~/.cache/sftmix_jax")), "venv-transformers4")
-    python = os.path.join(env, "bin", "python")
-    probe = [python, "-c", "import transformers; assert transformers.__version__.startswith('4.')"]
-    if not (os.path.exists(python) and subprocess.run(probe, capture_output=True).returncode == 0):
-        made = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", env], capture_output=True)
-        pip = made.returncode == 0 and subprocess.run([python, "-m", "pip", "install", "-q", "transformers>=4.50,<5"],
-                                                      capture_output=True, timeout=600)
-        if not pip or pip.returncode != 0 or subprocess.run(probe, capture_output=True).returncode != 0:
-            pytest.skip("could not make a venv with transformers 4.x (offline?)")
-    return python
+def logits_in(python, ids, *paths):
+    """Logits of each HF directory under another Python's transformers, saved as DIR/logits4.npy."""
+    script = ("import json, sys, numpy as np, torch, transformers\n"
+              "ids = torch.tensor(json.loads(sys.argv[1]))\n"
+              "for path in sys.argv[2:]:\n"
+              "    m = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation='eager').eval()\n"
+              "    with torch.no_grad(): np.save(path + '/logits4.npy', m(ids).logits.numpy())\n")
+    out = subprocess.run([python, "-c", script, json.dumps(np.asarray(ids).tolist()), *map(str, paths)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 def test_exports_read_the_same_in_transformers_4_and_5(tmp_path, transformers4):
@@ -61,14 +57,7 @@ def test_exports_read_the_same_in_transformers_4_and_5(tmp_path, transformers4):
     for family in FAMILIES:
         paths[family] = str(tmp_path / family)
         hf.save_pretrained(tiny(family), paths[family])
-    script = ("import json, sys, numpy as np, torch, transformers\n"
-              "ids = torch.tensor(json.loads(sys.argv[1]))\n"
-              "for path in sys.argv[2:]:\n"
-              "    m = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation='eager').eval()\n"
-              "    with torch.no_grad(): np.save(path + '/logits4.npy', m(ids).logits.numpy())\n")
-    out = subprocess.run([transformers4, "-c", script, json.dumps(IDS.tolist()), *paths.values()], capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    logits_in(transformers4, IDS, *paths.values())
     for family, path in paths.items():
         config = json.load(open(os.path.join(path, "config.json")))
         assert not set(hf_export.NOISE) & set(config), family

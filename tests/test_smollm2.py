@@ -63,3 +63,17 @@ def test_export_loads_in_transformers(models, tmp_path):
         exact = exact(ids).logits.numpy()
     assert np.abs(mine - exact).max() <= 2 * np.abs(exported - exact).max()
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path)).chat_template == tok.chat_template
+
+
+def test_export_reads_the_same_in_transformers_4(models, tmp_path, smollm2_dir, transformers4):
+    """The export carries RoPE theta 1e5 in both schemas: transformers 4.x computes 5.x's logits."""
+    from test_hf_export import logits_in
+
+    tok, ref, ours = models
+    hf.save_pretrained(ours, str(tmp_path), tokenizer=tok, source=smollm2_dir)
+    ids = [prompt_ids(tok)]
+    logits_in(transformers4, ids, tmp_path)
+    with torch.no_grad():
+        five = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+        five = five(torch.tensor(ids)).logits.numpy()
+    assert np.abs(np.load(tmp_path / "logits4.npy") - five).max() <= 1e-5
