@@ -18,7 +18,7 @@ STAGES = ("reference", "confidence", "baseline", "sftmix", "evaluate")  # baseli
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # config.model.dtype / param_dtype
 # Keys that may change between invocations on the same workdir without changing what is trained
 # (evaluate settings apply when the evaluate stage runs again: delete DIR/evaluate/done.json).
-MUTABLE_KEYS = ("stages", "evaluate", "train.wandb_project")
+MUTABLE_KEYS = ("stages", "evaluate", "train.wandb_project", "data.cache_dir")
 
 
 def parse_stages(spec: str) -> list[str]:
@@ -100,9 +100,10 @@ def _data_problems(c) -> list[str]:
     """Format, fields, template, overflow, the pre-trained base."""
     problems = []
     fmt = c.data.format
-    needed = {"alpaca": ("instruction", "output"), "messages": ("messages",), "sharegpt": ("conversations",)}
+    needed = {"alpaca": ("instruction", "output"), "messages": ("messages",), "sharegpt": ("conversations",),
+              "prompt_completion": ("prompt", "completion")}
     if fmt not in needed:
-        problems.append(f"config.data.format={fmt!r}: use alpaca, messages or sharegpt")
+        problems.append(f"config.data.format={fmt!r}: use alpaca, messages, sharegpt or prompt_completion")
     else:
         problems += [f"config.data.fields.{k} is empty: name the column that holds it" for k in needed[fmt]
                      if not c.data.fields.get(k)]

@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from sftmix_jax import config as config_lib
 from sftmix_jax import hf, multihost, sharding
+from sftmix_jax.data import cache as data_cache
 from sftmix_jax.data import sources
 from sftmix_jax.ops import cpu
 from sftmix_jax.stages import baseline, confidence, evaluate, pretrain, reference, sftmix
@@ -58,7 +59,7 @@ class Run:
     @functools.cached_property
     def data(self):
         """(train examples, held-out examples, stats)."""
-        return sources.load_examples(self.config.data, self.tokenizer, self.config.seed)
+        return data_cache.load_examples(self.config.data, self.tokenizer, self.config.seed)
 
     @functools.cached_property
     def reference(self) -> "Run":
@@ -96,7 +97,7 @@ class _ReferenceRun(Run):
 
     @functools.cached_property
     def data(self):
-        train, held, stats = sources.load_examples(self.config.data, self.tokenizer, self.config.seed)
+        train, held, stats = data_cache.load_examples(self.config.data, self.tokenizer, self.config.seed)
         return sources.select_ids(train, [e.id for e in self.target.data[0]], "the reference model's tokenizer"), held, stats
 
 

@@ -408,3 +408,45 @@ def test_eval_batches_cover_every_example_once():
     for b in batches:
         check_batch(ex, b)
     assert list(batching.eval_batches([], 4, (64,))) == []
+
+
+def test_a_mixture_samples_its_sources_by_weight(tmp_path, tok):
+    """data.mixture with weights 3:1 (two formats and field maps): training batches hold the
+    sources 3:1 over 1,000 rows, within sampling noise."""
+    a = write(tmp_path / "a.jsonl", [{"id": i, "instruction": f"Say {i}", "output": str(i)} for i in range(800)])
+    b = write(tmp_path / "b.jsonl", [{"chat": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+                                     for i in range(800)])
+    cfg = config("", eval_fraction=0.05)
+    cfg.mixture = ({"source": a, "weight": 3.0, "name": "alpaca"},
+                   {"source": b, "weight": 1.0, "name": "chat", "format": "messages", "fields": {"messages": "chat"}})
+    train, held, stats = sources.load_examples(cfg, tok, seed=0)
+    assert stats["mixture"]["alpaca"]["train"] == 760 and stats["mixture"]["chat"]["train"] == 253  # 760 / 0.75 rows
+    assert len(held) == 80 and {e.id.split(":")[0] for e in held} == {"alpaca", "chat"}
+    assert len({e.id for e in train}) == len(train) and train[0].id.startswith("alpaca:")
+    batches = batching.TrainBatches(train, 40, 0, (64,), 0, 1)
+    rows = np.concatenate([batches.batch(s)["index"] for s in range(25)])  # 1,000 rows
+    share = np.mean([train[r].id.startswith("alpaca:") for r in rows])
+    assert abs(share - 0.75) < 3 * np.sqrt(0.75 * 0.25 / 1000), share  # 3 sigma: 0.041
+    with pytest.raises(ValueError, match=r"mixture\[1\].*weight > 0"):
+        cfg.mixture = ({"source": a}, {"source": b, "weight": 0})
+        sources.load_examples(cfg, tok, seed=0)
+
+
+def test_prompt_completion_rows_and_a_system_prompt(tmp_path, tok):
+    rows = [{"prompt": "2+2?", "completion": "4"},
+            {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello"}]},
+            {"prompt": "no completion"}]
+    path = write(tmp_path / "pc.jsonl", rows)
+    train, _, stats = sources.load_examples(config(path, format="prompt_completion", max_bad_fraction=0.5), tok, seed=0)
+    assert [masked_text(tok, e) for e in train] == ["4" + EOS, "Hello" + EOS]
+    assert stats["bad"] == {"missing_field:completion": 1}
+    want = tok.apply_chat_template([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], tokenize=False)
+    assert tok.decode(train[0].input_ids) == want
+    # a system prompt for every row (the Alpaca preamble, under the alpaca template)
+    cfg = config(path, format="prompt_completion", max_bad_fraction=0.5, system_prompt="You are terse.")
+    train, _, _ = sources.load_examples(cfg, tok, seed=0)
+    assert tok.decode(train[0].input_ids).startswith("<|bos|><|system|>You are terse.<|end|><|user|>2+2?")
+    cfg.template = "alpaca"
+    train, _, _ = sources.load_examples(cfg, tok, seed=0)
+    assert tok.decode(train[0].input_ids, skip_special_tokens=True).startswith("You are terse.\n\n### Instruction:\n2+2?")
+    assert masked_text(tok, train[0]) == "4" + EOS

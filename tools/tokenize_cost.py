@@ -4,7 +4,8 @@ run does it for the whole set): wall time, peak resident memory, and the example
     python tools/tokenize_cost.py --data ../shared/data/gsm_8k_train.json --rows 100000 \
         --tokenizer ~/.cache/sftmix_jax/smollm2-135m-instruct [--template chat] [--max_length 1024]
 
-The file's rows are repeated (with fresh ids) up to --rows.
+The file's rows are repeated (with fresh ids) up to --rows. With --cache DIR the examples go through
+the tokenization cache (data/cache.py): run it twice, the second run reads what the first wrote.
 """
 import argparse
 import json
@@ -22,28 +23,33 @@ def main():
     p.add_argument("--tokenizer", required=True, help="an HF tokenizer directory, or 'synthetic'")
     p.add_argument("--template", default="chat")
     p.add_argument("--max_length", type=int, default=1024)
+    p.add_argument("--cache", default="", help="a tokenization cache directory ('' = none)")
     a = p.parse_args()
-    rows = json.load(open(a.data))
-    rows = [dict(rows[i % len(rows)], id=f"r{i}") for i in range(a.rows)]
-    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    del rows
+    name = os.path.join(tempfile.gettempdir(), f"tokenize_cost_{a.rows}_{os.path.basename(a.data)}.jsonl")
+    if not os.path.exists(name):  # the same file (and mtime) for both runs: the cache key holds it
+        rows = json.load(open(a.data))
+        rows = [dict(rows[i % len(rows)], id=f"r{i}") for i in range(a.rows)]
+        with open(name + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(name + ".tmp", name)
+        del rows
 
     from sftmix_jax import hf
-    from sftmix_jax.data import sources
+    from sftmix_jax.data import cache, sources
 
     tok = hf.load_tokenizer(os.path.expanduser(a.tokenizer))
     cfg = sources.default_config()
-    cfg.source, cfg.template, cfg.max_length, cfg.eval_fraction = f.name, a.template, a.max_length, 0.0
+    cfg.source, cfg.template, cfg.max_length, cfg.eval_fraction = name, a.template, a.max_length, 0.0
+    cfg.cache_dir = a.cache
+    cached = bool(a.cache) and os.path.exists(os.path.join(os.path.expanduser(a.cache), cache.key(cfg, tok, 0) + ".npz"))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
-    train, held, stats = sources.load_examples(cfg, tok, seed=0)
+    train, held, stats = cache.load_examples(cfg, tok, seed=0)
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     own = sum(e.input_ids.nbytes + e.loss_mask.nbytes + e.prompt_ids.nbytes + len(e.answer) for e in train)
     tokens = sum(len(e.input_ids) for e in train)
-    os.unlink(f.name)
-    print(json.dumps({"rows": a.rows, "examples": len(train), "tokens": tokens, "seconds": round(seconds, 1),
+    print(json.dumps({"rows": a.rows, "from_cache": cached, "examples": len(train), "tokens": tokens, "seconds": round(seconds, 1),
                       "rows_per_s": round(a.rows / seconds), "peak_rss_mib": round(peak / 1024),
                       "peak_rss_growth_mib": round((peak - before) / 1024),
                       "example_arrays_and_answers_mib": round(own / 2**20, 1), "bad": stats["bad"]}, indent=1))

@@ -71,8 +71,17 @@ def row_to_messages(row: dict, fmt: str, fields) -> list[dict]:
             role = m.get(role_key)
             role = _SHAREGPT_ROLES.get(role, role) if sharegpt else role
             messages.append(_message(role, m.get(content_key)))
+    elif fmt == "prompt_completion":  # TRL's: two strings, or two lists of messages
+        prompt, completion = _get(row, fields.prompt, allow_none=False), _get(row, fields.completion, allow_none=False)
+        if isinstance(prompt, str) and isinstance(completion, str):
+            messages = [_message("user", prompt), _message("assistant", completion)]
+        elif isinstance(prompt, list) and isinstance(completion, list) and all(
+                isinstance(m, dict) for m in prompt + completion):
+            messages = [_message(m.get("role"), m.get("content")) for m in prompt + completion]
+        else:
+            raise BadRow("bad_field")
     else:
-        raise ValueError(f"data.format={fmt!r}; expected 'alpaca', 'messages' or 'sharegpt'")
+        raise ValueError(f"data.format={fmt!r}; expected 'alpaca', 'messages', 'sharegpt' or 'prompt_completion'")
     last = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     if last < 0:
         raise BadRow("no_assistant_turn")

@@ -22,11 +22,15 @@ def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         source="synthetic",  # 'synthetic' | local .json/.jsonl/.parquet | hub id[:split]
         split="train",  # hub split when the source names none
-        format="alpaca",  # 'alpaca' | 'messages' | 'sharegpt'
+        format="alpaca",  # 'alpaca' | 'messages' | 'sharegpt' | 'prompt_completion'
         fields=ml_collections.ConfigDict(dict(
             # GPTeacher names its answer field 'response': fields.output='response'.
             instruction="instruction", input="input", output="output",
-            messages="messages", conversations="conversations", id="id")),
+            messages="messages", conversations="conversations", id="id",
+            prompt="prompt", completion="completion")),  # format 'prompt_completion' (TRL's)
+        # A system message for rows without one (with the 'alpaca' template: the preamble in place
+        # of "Below is an instruction ..."); '' = none.
+        system_prompt="",
         template="chat",  # 'chat': tokenizer.apply_chat_template | 'alpaca': Stanford prompt + EOS
         max_length=512,
         overflow="truncate",  # 'truncate' | 'drop'
@@ -36,6 +40,13 @@ def default_config() -> ml_collections.ConfigDict:
         max_bad_fraction=0.05,
         buckets=(64, 128, 256, 512),
         synthetic=ml_collections.ConfigDict(dict(num_train=2400, num_eval=240, seed=0)),
+        # Tokenized examples, shared by stages, runs and processes (data/cache.py; a local or shared
+        # filesystem path); '' = tokenize on every run. The synthetic suite is never cached.
+        cache_dir="~/.cache/sftmix_jax/data",
+        # Several sources at once: a list of dicts {source, weight, name, format, fields, split}
+        # (format/fields/split default to the keys above). The training set takes rows of each in
+        # proportion to the weights (`_mixture`); every source holds out eval_fraction of its rows.
+        mixture=(),
     ))
 
 
@@ -121,12 +132,14 @@ def _check_render_settings(cfg, tokenizer) -> None:
         raise ValueError("data.template='alpaca' needs a tokenizer with an eos_token")
 
 
-def _render_rows(rows, ids, fmt, fields, tokenizer, template) -> list:
+def _render_rows(rows, ids, fmt, fields, tokenizer, template, system_prompt="") -> list:
     """[(row, id, messages, texts)] per row; (row, id, None, [reason]) for a bad row."""
     rendered = []
     for row, rid in zip(rows, ids):
         try:
             messages = row_to_messages(row, fmt, fields)
+            if system_prompt and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": system_prompt}] + messages
             rendered.append((row, rid, messages, render_turns(messages, tokenizer, template)))
         except BadRow as e:
             rendered.append((row, rid, None, list(e.args)))
@@ -160,7 +173,8 @@ def _convert(rows, fmt, fields, tokenizer, cfg, what: str, stats: dict, chunk: i
     ids = _row_ids(rows, fields.id, what)
     bad, bad_ids, out = collections.Counter(), collections.defaultdict(list), []
     for start in range(0, len(rows), chunk):
-        rendered = _render_rows(rows[start: start + chunk], ids[start: start + chunk], fmt, fields, tokenizer, cfg.template)
+        rendered = _render_rows(rows[start: start + chunk], ids[start: start + chunk], fmt, fields, tokenizer, cfg.template,
+                                cfg.get("system_prompt", ""))
         flat = [t for _, _, m, texts in rendered if m is not None for t in texts]
         # Chat templates write their own BOS; the Alpaca text relies on the tokenizer's.
         encoded = iter(tokenizer(flat, add_special_tokens=cfg.template == "alpaca")["input_ids"] if flat else [])
@@ -207,7 +221,9 @@ def load_examples(cfg: ml_collections.ConfigDict, tokenizer, seed: int):
     """
     stats = {"rows": 0, "bad": {}, "bad_ids": {}, "truncated": 0, "dropped_too_long": 0}
     check_template_fits(cfg, tokenizer)
-    if cfg.source == "synthetic":
+    if cfg.get("mixture"):
+        train, held = _mixture(cfg, tokenizer, seed, stats)
+    elif cfg.source == "synthetic":
         s = cfg.synthetic
         rows = synthetic.generate(s.num_train + s.num_eval, s.seed)
         fields = default_config().fields  # Synthetic rows use the Alpaca field names.
@@ -223,15 +239,51 @@ def load_examples(cfg: ml_collections.ConfigDict, tokenizer, seed: int):
             held = _convert(_read_rows(cfg.eval_source, cfg.split), cfg.format, cfg.fields,
                             tokenizer, cfg, cfg.eval_source, stats)
         else:
-            is_held = np.zeros(len(rows), bool)
-            n_held = int(round(cfg.eval_fraction * len(rows)))
-            is_held[np.random.default_rng(seed).permutation(len(rows))[:n_held]] = True
-            train, held = ([e for e, h in zip(train, is_held) if h == want] for want in (0, 1))
+            train, held = _hold_out(train, cfg.eval_fraction, seed)
     train = [e for e in train if e is not None]
     held = [e for e in held if e is not None]
     stats.update(train=len(train), held_out=len(held))
     logging.info("data %s: %s", cfg.source, stats)
     return train, held, stats
+
+
+def _hold_out(examples: list, fraction: float, seed) -> tuple[list, list]:
+    """A seeded `fraction` of the rows (bad ones included, so the split does not move with them)."""
+    is_held = np.zeros(len(examples), bool)
+    is_held[np.random.default_rng(seed).permutation(len(examples))[: int(round(fraction * len(examples)))]] = True
+    return [e for e, h in zip(examples, is_held) if not h], [e for e, h in zip(examples, is_held) if h]
+
+
+def _mixture(cfg, tokenizer, seed: int, stats: dict) -> tuple[list, list]:
+    """data.mixture -> (train, held_out); ids become 'name:id'.
+
+    The training set is the largest one whose shares of the sources are the weights without
+    repeating a row: n = min_s(len_s / share_s) rows, a seeded sample of each source's. Held out:
+    eval_fraction of each source, all kept (each source's metrics stay comparable).
+    """
+    parts = []
+    for i, m in enumerate(cfg.mixture):
+        m = dict(m)
+        name, weight = str(m.get("name") or f"s{i}"), float(m.get("weight", 1.0))
+        if weight <= 0 or "source" not in m:
+            raise ValueError(f"config.data.mixture[{i}] = {m}: needs a source and a weight > 0")
+        fields = cfg.fields.copy_and_resolve_references()
+        fields.update(m.get("fields") or {})
+        rows = _read_rows(m["source"], m.get("split") or cfg.split)
+        examples = _convert(rows, m.get("format") or cfg.format, fields, tokenizer, cfg, m["source"], stats)
+        train, held = (
+            [dataclasses.replace(e, id=f"{name}:{e.id}") for e in part if e is not None]
+            for part in _hold_out(examples, cfg.eval_fraction, [seed, i]))
+        parts.append((name, weight, train, held))
+    share = np.array([w for _, w, _, _ in parts]) / sum(w for _, w, _, _ in parts)
+    total = min(len(t) / s for (_, _, t, _), s in zip(parts, share))
+    train, held = [], []
+    for i, ((name, _, t, h), s) in enumerate(zip(parts, share)):
+        keep = np.sort(np.random.default_rng([seed, 2, i]).permutation(len(t))[: int(total * s)])
+        train += [t[k] for k in keep]
+        held += h
+        stats.setdefault("mixture", {})[name] = {"train": len(keep), "of": len(t), "held_out": len(h), "share": float(s)}
+    return train, held
 
 
 def check_vocab(examples: list[Example], vocab_size: int, what: str) -> None:
