@@ -96,7 +96,7 @@ def test_two_processes_equal_one(two_processes, one_process):
     workdir, out = two_processes
     a, b = summary(workdir), summary(one_process)
     assert a.keys() == b.keys()
-    for key in ("multiple_choice.accuracy", "exact_match.all", "loss"):  # evaluation ran every kind of scoring
+    for key in ("multiple_choice.acc", "exact_match.all", "loss"):  # evaluation ran every kind of scoring
         assert f"SFTMix.{key}" in a
     assert max(abs(a[k] - b[k]) for k in a) <= 1e-3, {k: (a[k], b[k]) for k in a}
     rows = [[json.loads(line) for line in open(os.path.join(d, "confidence", "scores.jsonl"))]
