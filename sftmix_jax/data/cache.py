@@ -20,7 +20,7 @@ from absl import logging
 from sftmix_jax import multihost
 from sftmix_jax.data import sources
 
-VERSION = 1  # bump when Example or the tokenization changes what a key should give
+VERSION = 2  # bump when Example or the tokenization changes what a key should give
 
 
 def _source_stamp(source: str) -> str:
@@ -48,24 +48,37 @@ def key(cfg, tokenizer, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def _strings(xs) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 bytes of all strings and their offsets (a fixed-width str array pads every row to the longest)."""
+    data = [x.encode() for x in xs]
+    return np.frombuffer(b"".join(data), np.uint8), np.cumsum([0] + [len(d) for d in data]).astype(np.int64)
+
+
+def _unstrings(data: np.ndarray, off: np.ndarray) -> list[str]:
+    raw = data.tobytes()
+    return [raw[off[n]:off[n + 1]].decode() for n in range(len(off) - 1)]
+
+
 def _pack(examples, prefix: str) -> dict:
     cat = lambda xs, dt: np.concatenate([np.asarray(x, dt) for x in xs]) if xs else np.zeros(0, dt)  # noqa: E731
     offsets = lambda xs: np.cumsum([0] + [len(x) for x in xs]).astype(np.int64)  # noqa: E731
     tokens, prompts = [e.input_ids for e in examples], [e.prompt_ids for e in examples]
-    return {f"{prefix}_ids": np.array([e.id for e in examples], dtype=str),
-            f"{prefix}_tokens": cat(tokens, np.int32), f"{prefix}_offsets": offsets(tokens),
+    strings = {}
+    for name, xs in (("ids", [e.id for e in examples]), ("answers", [e.answer for e in examples]),
+                     ("tasks", [e.task or "" for e in examples])):
+        strings[f"{prefix}_{name}"], strings[f"{prefix}_{name}_offsets"] = _strings(xs)
+    return {**strings, f"{prefix}_tokens": cat(tokens, np.int32), f"{prefix}_offsets": offsets(tokens),
             f"{prefix}_mask": cat([e.loss_mask for e in examples], np.int8),
-            f"{prefix}_prompt": cat(prompts, np.int32), f"{prefix}_prompt_offsets": offsets(prompts),
-            f"{prefix}_answers": np.array([e.answer for e in examples], dtype=str),
-            f"{prefix}_tasks": np.array([e.task or "" for e in examples], dtype=str)}
+            f"{prefix}_prompt": cat(prompts, np.int32), f"{prefix}_prompt_offsets": offsets(prompts)}
 
 
 def _unpack(z, prefix: str) -> list:
     off, poff = z[f"{prefix}_offsets"], z[f"{prefix}_prompt_offsets"]
     tokens, mask, prompt = z[f"{prefix}_tokens"], z[f"{prefix}_mask"], z[f"{prefix}_prompt"]
-    return [sources.Example(id=str(i), input_ids=tokens[off[n]:off[n + 1]], loss_mask=mask[off[n]:off[n + 1]],
-                            prompt_ids=prompt[poff[n]:poff[n + 1]], answer=str(a), task=str(t) or None)
-            for n, (i, a, t) in enumerate(zip(z[f"{prefix}_ids"], z[f"{prefix}_answers"], z[f"{prefix}_tasks"]))]
+    ids, answers, tasks = (_unstrings(z[f"{prefix}_{k}"], z[f"{prefix}_{k}_offsets"]) for k in ("ids", "answers", "tasks"))
+    return [sources.Example(id=i, input_ids=tokens[off[n]:off[n + 1]], loss_mask=mask[off[n]:off[n + 1]],
+                            prompt_ids=prompt[poff[n]:poff[n + 1]], answer=a, task=t or None)
+            for n, (i, a, t) in enumerate(zip(ids, answers, tasks))]
 
 
 def save(path: str, train, held, stats) -> None:
