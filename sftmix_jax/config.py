@@ -18,7 +18,7 @@ STAGES = ("reference", "confidence", "baseline", "sftmix", "evaluate")  # baseli
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # config.model.dtype / param_dtype
 # Keys that may change between invocations on the same workdir without changing what is trained
 # (evaluate settings apply when the evaluate stage runs again: delete DIR/evaluate/done.json).
-MUTABLE_KEYS = ("stages", "evaluate", "train.wandb_project", "data.cache_dir")
+MUTABLE_KEYS = ("stages", "evaluate", "train.wandb_project", "data.cache_dir", "data.num_proc")
 
 
 def parse_stages(spec: str) -> list[str]:

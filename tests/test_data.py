@@ -450,3 +450,18 @@ def test_prompt_completion_rows_and_a_system_prompt(tmp_path, tok):
     train, _, _ = sources.load_examples(cfg, tok, seed=0)
     assert tok.decode(train[0].input_ids, skip_special_tokens=True).startswith("You are terse.\n\n### Instruction:\n2+2?")
     assert masked_text(tok, train[0]) == "4" + EOS
+
+
+def test_worker_processes_tokenize_as_this_one_does(tmp_path, tok, monkeypatch):
+    rows = [{"id": f"r{i}", "instruction": f"Echo {i}" * (i % 4 + 1), "output": "" if i % 50 == 7 else f"{i}"}
+            for i in range(3000)]
+    cfg = config(write(tmp_path / "d.jsonl", rows), max_length=24, num_proc=1)
+    one = sources.load_examples(cfg, tok, seed=0)
+    monkeypatch.setattr(sources, "PARALLEL_ROWS", 100)
+    cfg.num_proc = 2
+    two = sources.load_examples(cfg, tok, seed=0)
+    assert one[2] == two[2] and one[2]["bad"] == {"empty_response": 60} and one[2]["truncated"] > 0
+    assert [e.id for e in one[0]] == [e.id for e in two[0]]
+    for a, b in zip(one[0], two[0]):
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        np.testing.assert_array_equal(a.loss_mask, b.loss_mask)

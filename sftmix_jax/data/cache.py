@@ -40,7 +40,7 @@ def tokenizer_stamp(tokenizer) -> str:
 
 def key(cfg, tokenizer, seed: int) -> str:
     c = cfg.to_dict()
-    for k in ("cache_dir", "buckets", "synthetic"):
+    for k in ("cache_dir", "buckets", "synthetic", "num_proc"):
         c.pop(k, None)
     stamps = [_source_stamp(s) for s in [cfg.source, cfg.get("eval_source", "")] +
               [m["source"] for m in cfg.get("mixture") or ()]]

@@ -38,6 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
         eval_source="",  # separate held-out source; else eval_fraction of the rows
         eval_fraction=0.1,
         max_bad_fraction=0.05,
+        num_proc=0,  # processes tokenizing sets of 20K+ rows; 0 = one per core, 1 = this process only
         buckets=(64, 128, 256, 512),
         synthetic=ml_collections.ConfigDict(dict(num_train=2400, num_eval=240, seed=0)),
         # Tokenized examples, shared by stages, runs and processes (data/cache.py; a local or shared
@@ -162,6 +163,45 @@ def _example(row, rid, messages, token_lists, eos_id, cfg, stats):
                    task=task if isinstance(task, str) else None)
 
 
+def _convert_chunk(rows, ids, fmt, fields, tokenizer, cfg):
+    """One chunk of rows -> ([Example or None per row], [(reason, id) per bad row], counts)."""
+    counts = {"truncated": 0, "dropped_too_long": 0}
+    eos_id = tokenizer.eos_token_id if cfg.template == "alpaca" else None
+    rendered = _render_rows(rows, ids, fmt, fields, tokenizer, cfg.template, cfg.get("system_prompt", ""))
+    flat = [t for _, _, m, texts in rendered if m is not None for t in texts]
+    # Chat templates write their own BOS; the Alpaca text relies on the tokenizer's.
+    encoded = iter(tokenizer(flat, add_special_tokens=cfg.template == "alpaca")["input_ids"] if flat else [])
+    out, bad = [], []
+    for row, rid, messages, texts in rendered:
+        try:
+            if messages is None:
+                raise BadRow(texts[0])
+            out.append(_example(row, rid, messages, [next(encoded) for _ in texts], eos_id, cfg, counts))
+        except BadRow as e:
+            bad.append((e.args[0], rid))
+            out.append(None)
+    return out, bad, counts
+
+
+PARALLEL_ROWS = 20_000  # fewer rows tokenize faster than worker processes start
+
+
+def _chunks(rows, ids, fmt, fields, tokenizer, cfg, chunk: int):
+    """_convert_chunk over the rows in order: in worker processes (data.num_proc; 0 = one per core)
+    for large sets, here otherwise. Workers are spawned, not forked: JAX's threads are running."""
+    starts = range(0, len(rows), chunk)
+    args = lambda s: (rows[s: s + chunk], ids[s: s + chunk], fmt, fields, tokenizer, cfg)  # noqa: E731
+    procs = cfg.get("num_proc", 0) or os.cpu_count() or 1
+    if procs <= 1 or len(rows) < PARALLEL_ROWS:
+        yield from (_convert_chunk(*args(s)) for s in starts)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(min(procs, len(starts)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(_convert_chunk, *zip(*(args(s) for s in starts)), chunksize=4)
+
+
 def _convert(rows, fmt, fields, tokenizer, cfg, what: str, stats: dict, chunk: int = 1024):
     """Rows -> [Example or None per row], adding to stats; raises above max_bad_fraction.
 
@@ -169,25 +209,16 @@ def _convert(rows, fmt, fields, tokenizer, cfg, what: str, stats: dict, chunk: i
     core, and the chunk bounds the memory held by Python lists of token ids.
     """
     _check_render_settings(cfg, tokenizer)
-    eos_id = tokenizer.eos_token_id if cfg.template == "alpaca" else None
     ids = _row_ids(rows, fields.id, what)
     bad, bad_ids, out = collections.Counter(), collections.defaultdict(list), []
-    for start in range(0, len(rows), chunk):
-        rendered = _render_rows(rows[start: start + chunk], ids[start: start + chunk], fmt, fields, tokenizer, cfg.template,
-                                cfg.get("system_prompt", ""))
-        flat = [t for _, _, m, texts in rendered if m is not None for t in texts]
-        # Chat templates write their own BOS; the Alpaca text relies on the tokenizer's.
-        encoded = iter(tokenizer(flat, add_special_tokens=cfg.template == "alpaca")["input_ids"] if flat else [])
-        for row, rid, messages, texts in rendered:
-            try:
-                if messages is None:
-                    raise BadRow(texts[0])
-                out.append(_example(row, rid, messages, [next(encoded) for _ in texts], eos_id, cfg, stats))
-            except BadRow as e:
-                bad[e.args[0]] += 1
-                if len(bad_ids[e.args[0]]) < 5:
-                    bad_ids[e.args[0]].append(rid)
-                out.append(None)
+    for examples, bad_rows, counts in _chunks(rows, ids, fmt, fields, tokenizer, cfg, chunk):
+        out += examples
+        for reason, rid in bad_rows:
+            bad[reason] += 1
+            if len(bad_ids[reason]) < 5:
+                bad_ids[reason].append(rid)
+        for k, n in counts.items():
+            stats[k] += n
     n_bad = sum(bad.values())
     if n_bad:
         logging.warning("%s: skipped %d of %d rows: %s; first ids %s", what, n_bad, len(rows), dict(bad), dict(bad_ids))
