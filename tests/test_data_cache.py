@@ -34,6 +34,7 @@ def test_a_second_load_reads_the_cache(data_cfg, monkeypatch, caplog):
     fresh = sources.load_examples(data_cfg, tok, seed=3)
     first = cache.load_examples(data_cfg, tok, seed=3)
     assert "cached in" in caplog.text and len(os.listdir(data_cfg.cache_dir)) == 1
+    assert "read from the tokenization cache" not in caplog.text  # the builder keeps what it built
     monkeypatch.setattr(sources, "load_examples", lambda *a: pytest.fail("tokenized again"))
     second = cache.load_examples(data_cfg, tok, seed=3)
     assert "read from the tokenization cache" in caplog.text

@@ -100,9 +100,10 @@ def load_examples(cfg, tokenizer, seed: int):
     if not cache_dir or cfg.source == "synthetic":
         return sources.load_examples(cfg, tokenizer, seed)
     path = os.path.join(os.path.expanduser(cache_dir), key(cfg, tokenizer, seed) + ".npz")
-    if multihost.is_leader() and not os.path.exists(path):
-        _build(cfg, tokenizer, seed, path)
+    built = _build(cfg, tokenizer, seed, path) if multihost.is_leader() and not os.path.exists(path) else None
     multihost.barrier("data cache")
+    if built is not None:
+        return built
     if not os.path.exists(path):  # a cache dir this process does not share with process 0
         return _build(cfg, tokenizer, seed, path)
     t = time.perf_counter()
