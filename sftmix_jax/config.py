@@ -101,9 +101,9 @@ def _data_problems(c) -> list[str]:
     problems = []
     fmt = c.data.format
     needed = {"alpaca": ("instruction", "output"), "messages": ("messages",), "sharegpt": ("conversations",),
-              "prompt_completion": ("prompt", "completion")}
+              "prompt_completion": ("prompt", "completion"), "text": ("text",)}
     if fmt not in needed:
-        problems.append(f"config.data.format={fmt!r}: use alpaca, messages, sharegpt or prompt_completion")
+        problems.append(f"config.data.format={fmt!r}: use alpaca, messages, sharegpt, prompt_completion or text")
     else:
         problems += [f"config.data.fields.{k} is empty: name the column that holds it" for k in needed[fmt]
                      if not c.data.fields.get(k)]

@@ -465,3 +465,15 @@ def test_worker_processes_tokenize_as_this_one_does(tmp_path, tok, monkeypatch):
     for a, b in zip(one[0], two[0]):
         np.testing.assert_array_equal(a.input_ids, b.input_ids)
         np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
+
+
+def test_text_rows_are_documents_with_the_loss_on_every_token(tmp_path, tok):
+    rows = [{"text": "The cat sat."}, {"text": "x" * 100}, {"body": "no text field"}, {"text": "  "}]
+    path = write(tmp_path / "t.jsonl", rows)
+    train, _, stats = sources.load_examples(config(path, format="text", max_length=40, max_bad_fraction=0.5), tok, 0)
+    first = train[0]
+    assert first.input_ids.tolist() == [tok.bos_token_id] + tok("The cat sat.", add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id]
+    assert first.loss_mask.tolist() == [0] + [1] * (len(first.input_ids) - 1)
+    assert len(train[1].input_ids) == 40 and stats["truncated"] == 1
+    assert stats["bad"] == {"missing_field:text": 1, "empty_text": 1}

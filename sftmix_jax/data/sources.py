@@ -22,12 +22,13 @@ def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         source="synthetic",  # 'synthetic' | local .json/.jsonl/.parquet | hub id[:split]
         split="train",  # hub split when the source names none
-        format="alpaca",  # 'alpaca' | 'messages' | 'sharegpt' | 'prompt_completion'
+        format="alpaca",  # 'alpaca' | 'messages' | 'sharegpt' | 'prompt_completion' | 'text'
         fields=ml_collections.ConfigDict(dict(
             # GPTeacher names its answer field 'response': fields.output='response'.
             instruction="instruction", input="input", output="output",
             messages="messages", conversations="conversations", id="id",
-            prompt="prompt", completion="completion")),  # format 'prompt_completion' (TRL's)
+            prompt="prompt", completion="completion",  # format 'prompt_completion' (TRL's)
+            text="text")),  # format 'text': plain documents, the loss on every token
         # A system message for rows without one (with the 'alpaca' template: the preamble in place
         # of "Below is an instruction ..."); '' = none.
         system_prompt="",
@@ -163,9 +164,40 @@ def _example(row, rid, messages, token_lists, eos_id, cfg, stats):
                    task=task if isinstance(task, str) else None)
 
 
+def _text_chunk(rows, ids, fields, tokenizer, cfg, counts):
+    """Format 'text' (plain documents, TRL's language-modelling format): BOS + text + EOS, the loss on
+    every token after BOS; longer documents are cut at max_length (or dropped, overflow='drop')."""
+    out, bad, texts = [], [], []
+    for row, rid in zip(rows, ids):
+        text = row.get(fields.text) if _INVALID not in row else None
+        if not isinstance(text, str) or not text.strip():
+            bad.append(("invalid_json" if _INVALID in row else f"missing_field:{fields.text}" if text is None
+                        else "empty_text", rid))
+        texts.append(text if isinstance(text, str) and text.strip() else "")
+    encoded = tokenizer([t for t in texts if t], add_special_tokens=False)["input_ids"] if any(texts) else []
+    encoded, bos, eos = iter(encoded), [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [], tokenizer.eos_token_id
+    for row, rid, text in zip(rows, ids, texts):
+        if not text:
+            out.append(None)
+            continue
+        ids_L = np.asarray(bos + next(encoded) + [eos], np.int32)
+        if len(ids_L) > cfg.max_length:
+            counts["dropped_too_long" if cfg.overflow == "drop" else "truncated"] += 1
+            if cfg.overflow == "drop":
+                out.append(None)
+                continue
+            ids_L = ids_L[: cfg.max_length]
+        mask_L = np.ones(len(ids_L), np.int8)
+        mask_L[: len(bos)] = 0
+        out.append(Example(id=rid, input_ids=ids_L, loss_mask=mask_L, prompt_ids=ids_L[: len(bos)], answer=text))
+    return out, bad, counts
+
+
 def _convert_chunk(rows, ids, fmt, fields, tokenizer, cfg):
     """One chunk of rows -> ([Example or None per row], [(reason, id) per bad row], counts)."""
     counts = {"truncated": 0, "dropped_too_long": 0}
+    if fmt == "text":
+        return _text_chunk(rows, ids, fields, tokenizer, cfg, counts)
     eos_id = tokenizer.eos_token_id if cfg.template == "alpaca" else None
     rendered = _render_rows(rows, ids, fmt, fields, tokenizer, cfg.template, cfg.get("system_prompt", ""))
     flat = [t for _, _, m, texts in rendered if m is not None for t in texts]
@@ -208,7 +240,8 @@ def _convert(rows, fmt, fields, tokenizer, cfg, what: str, stats: dict, chunk: i
     Rows go in chunks: one tokenizer call per chunk lets the Rust tokenizer use every
     core, and the chunk bounds the memory held by Python lists of token ids.
     """
-    _check_render_settings(cfg, tokenizer)
+    if fmt != "text":  # plain documents use no template
+        _check_render_settings(cfg, tokenizer)
     ids = _row_ids(rows, fields.id, what)
     bad, bad_ids, out = collections.Counter(), collections.defaultdict(list), []
     for examples, bad_rows, counts in _chunks(rows, ids, fmt, fields, tokenizer, cfg, chunk):
@@ -251,7 +284,8 @@ def load_examples(cfg: ml_collections.ConfigDict, tokenizer, seed: int):
     synthetic.num_eval rows, generated after (and distinct from) the training rows.
     """
     stats = {"rows": 0, "bad": {}, "bad_ids": {}, "truncated": 0, "dropped_too_long": 0}
-    check_template_fits(cfg, tokenizer)
+    if cfg.format != "text":  # plain documents: no template to fit
+        check_template_fits(cfg, tokenizer)
     if cfg.get("mixture"):
         train, held = _mixture(cfg, tokenizer, seed, stats)
     elif cfg.source == "synthetic":
