@@ -42,7 +42,7 @@ def main():
     cfg = sources.default_config()
     cfg.source, cfg.template, cfg.max_length, cfg.eval_fraction = name, a.template, a.max_length, 0.0
     cfg.cache_dir, cfg.num_proc = a.cache, a.num_proc
-    cached = bool(a.cache) and os.path.exists(os.path.join(os.path.expanduser(a.cache), cache.key(cfg, tok, 0) + ".npz"))
+    cached = bool(a.cache) and os.path.exists(os.path.join(os.path.expanduser(a.cache), cache.key(cfg, tok, 0)))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     train, held, stats = cache.load_examples(cfg, tok, seed=0)

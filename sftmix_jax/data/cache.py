@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -20,7 +21,7 @@ from absl import logging
 from sftmix_jax import multihost
 from sftmix_jax.data import sources
 
-VERSION = 2  # bump when Example or the tokenization changes what a key should give
+VERSION = 3  # bump when Example or the tokenization changes what a key should give
 
 
 def _source_stamp(source: str) -> str:
@@ -55,7 +56,7 @@ def _strings(xs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _unstrings(data: np.ndarray, off: np.ndarray) -> list[str]:
-    raw = data.tobytes()
+    raw = np.asarray(data).tobytes()
     return [raw[off[n]:off[n + 1]].decode() for n in range(len(off) - 1)]
 
 
@@ -82,16 +83,26 @@ def _unpack(z, prefix: str) -> list:
 
 
 def save(path: str, train, held, stats) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """A directory of .npy arrays (read back memory-mapped) and stats.json, renamed into place whole."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **_pack(train, "train"), **_pack(held, "held"), stats=np.array(json.dumps(stats)))
-    os.replace(tmp, path)  # complete or absent
+    os.makedirs(tmp, exist_ok=True)
+    for name, array in {**_pack(train, "train"), **_pack(held, "held")}.items():
+        np.save(os.path.join(tmp, name + ".npy"), array)
+    with open(os.path.join(tmp, "stats.json"), "w") as f:
+        json.dump(stats, f)
+    try:
+        os.rename(tmp, path)  # complete or absent
+    except OSError:  # another process put the same entry there first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read(path: str):
-    with np.load(path) as z:
-        return _unpack(z, "train"), _unpack(z, "held"), json.loads(str(z["stats"]))
+    """The examples' token arrays stay memory-mapped: pages come from disk (or the page cache
+    that every process on the host shares) as batches touch them."""
+    # plain ndarray views of the maps: slices of an np.memmap are several times heavier objects
+    z = {f[:-4]: np.asarray(np.load(os.path.join(path, f), mmap_mode="r")) for f in os.listdir(path) if f.endswith(".npy")}
+    with open(os.path.join(path, "stats.json")) as f:
+        return _unpack(z, "train"), _unpack(z, "held"), json.load(f)
 
 
 def load_examples(cfg, tokenizer, seed: int):
@@ -99,7 +110,7 @@ def load_examples(cfg, tokenizer, seed: int):
     cache_dir = cfg.get("cache_dir", "")
     if not cache_dir or cfg.source == "synthetic":
         return sources.load_examples(cfg, tokenizer, seed)
-    path = os.path.join(os.path.expanduser(cache_dir), key(cfg, tokenizer, seed) + ".npz")
+    path = os.path.join(os.path.expanduser(cache_dir), key(cfg, tokenizer, seed))
     built = _build(cfg, tokenizer, seed, path) if multihost.is_leader() and not os.path.exists(path) else None
     multihost.barrier("data cache")
     if built is not None:
