@@ -63,3 +63,34 @@ def test_the_key_follows_what_the_examples_depend_on(data_cfg):
     with open(data_cfg.source, "a") as f:  # the data file changed
         f.write(json.dumps({"id": "new", "instruction": "a", "output": "b"}) + "\n")
     assert cache.key(data_cfg, tok, 0) != k
+
+
+def test_streaming_tokenizes_chunk_by_chunk_into_the_cache(tmp_path, caplog):
+    """data.streaming: the same examples as the in-memory path (held out by a hash of the id instead)."""
+    from sftmix_jax.data import stream
+
+    tok = synthetic.make_tokenizer()
+    rows = [{"id": f"r{i}", "instruction": f"Echo {i}" * (i % 4 + 1), "output": "" if i % 50 == 7 else f"{i}",
+             "task": "echo"} for i in range(2500)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    cfg = sources.default_config()
+    cfg.update(dict(source=str(path), eval_fraction=0.1, max_length=24, max_bad_fraction=0.1, cache_dir=str(tmp_path / "c")))
+    mem_train, mem_held, mem_stats = sources.load_examples(cfg, tok, seed=0)
+    cfg.streaming = True
+    caplog.set_level(logging.INFO)
+    train, held, stats = cache.load_examples(cfg, tok, seed=0)
+    assert abs(len(held) / (len(train) + len(held)) - 0.1) < 0.02
+    assert all(stream.is_held_out(e.id, 0, 0.1) for e in held) and not any(stream.is_held_out(e.id, 0, 0.1) for e in train)
+    by_id = {e.id: e for e in mem_train + mem_held}
+    assert sorted(by_id) == sorted(e.id for e in train + held)
+    same([by_id[e.id] for e in train + held], train + held)
+    for k in ("rows", "bad", "truncated", "dropped_too_long"):
+        assert stats[k] == mem_stats[k], k
+    assert stats["bad"] == {"empty_response": 50, "invalid_json": 1}
+    assert "read from the tokenization cache" not in caplog.text
+    assert len(cache.load_examples(cfg, tok, seed=0)[0]) == len(train) and "read from the tokenization cache" in caplog.text
+    cfg.source = str(tmp_path / "rows.json")  # a JSON list has to be read whole
+    (tmp_path / "rows.json").write_text(json.dumps(rows[:10]))
+    with pytest.raises(ValueError, match="a JSON list cannot be streamed"):
+        cache.load_examples(cfg, tok, seed=0)

@@ -25,6 +25,7 @@ def main():
     p.add_argument("--max_length", type=int, default=1024)
     p.add_argument("--cache", default="", help="a tokenization cache directory ('' = none)")
     p.add_argument("--num_proc", type=int, default=1, help="tokenizing processes (data.num_proc; 0 = one per core)")
+    p.add_argument("--streaming", action="store_true", help="data.streaming: chunk by chunk into --cache")
     a = p.parse_args()
     name = os.path.join(tempfile.gettempdir(), f"tokenize_cost_{a.rows}_{os.path.basename(a.data)}.jsonl")
     if not os.path.exists(name):  # the same file (and mtime) for both runs: the cache key holds it
@@ -41,7 +42,7 @@ def main():
     tok = hf.load_tokenizer(os.path.expanduser(a.tokenizer))
     cfg = sources.default_config()
     cfg.source, cfg.template, cfg.max_length, cfg.eval_fraction = name, a.template, a.max_length, 0.0
-    cfg.cache_dir, cfg.num_proc = a.cache, a.num_proc
+    cfg.cache_dir, cfg.num_proc, cfg.streaming = a.cache, a.num_proc, a.streaming
     cached = bool(a.cache) and os.path.exists(os.path.join(os.path.expanduser(a.cache), cache.key(cfg, tok, 0)))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()

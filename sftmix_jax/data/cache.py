@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from sftmix_jax import multihost
-from sftmix_jax.data import sources
+from sftmix_jax.data import sources, stream
 
 VERSION = 3  # bump when Example or the tokenization changes what a key should give
 
@@ -108,6 +108,8 @@ def read(path: str):
 def load_examples(cfg, tokenizer, seed: int):
     """sources.load_examples, through the cache: (train, held_out, stats)."""
     cache_dir = cfg.get("cache_dir", "")
+    if cfg.get("streaming") and not cache_dir:
+        raise ValueError("config.data.streaming=True writes the tokenized set to config.data.cache_dir: set one")
     if not cache_dir or cfg.source == "synthetic":
         return sources.load_examples(cfg, tokenizer, seed)
     path = os.path.join(os.path.expanduser(cache_dir), key(cfg, tokenizer, seed))
@@ -126,7 +128,15 @@ def load_examples(cfg, tokenizer, seed: int):
 
 def _build(cfg, tokenizer, seed, path):
     t = time.perf_counter()
-    train, held, stats = sources.load_examples(cfg, tokenizer, seed)
-    save(path, train, held, stats)
+    if cfg.get("streaming"):  # chunk by chunk to disk (data/stream.py), then read back mapped
+        tmp = f"{path}.{os.getpid()}.tmp"
+        os.makedirs(tmp, exist_ok=True)
+        with open(os.path.join(tmp, "stats.json"), "w") as f:
+            json.dump(stream.build(cfg, tokenizer, seed, tmp), f)
+        os.rename(tmp, path)
+        train, held, stats = read(path)
+    else:
+        train, held, stats = sources.load_examples(cfg, tokenizer, seed)
+        save(path, train, held, stats)
     logging.info("data %s: tokenized in %.1f s, cached in %s", cfg.source, time.perf_counter() - t, path)
     return train, held, stats

@@ -40,6 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
         eval_fraction=0.1,
         max_bad_fraction=0.05,
         num_proc=0,  # processes tokenizing sets of 20K+ rows; 0 = one per core, 1 = this process only
+        streaming=False,  # True: read and tokenize chunk by chunk into cache_dir (sets larger than memory; stream.py)
         buckets=(64, 128, 256, 512),
         synthetic=ml_collections.ConfigDict(dict(num_train=2400, num_eval=240, seed=0)),
         # Tokenized examples, shared by stages, runs and processes (data/cache.py; a local or shared
