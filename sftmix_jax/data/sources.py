@@ -235,6 +235,16 @@ def _chunks(rows, ids, fmt, fields, tokenizer, cfg, chunk: int):
         yield from pool.map(_convert_chunk, *zip(*(args(s) for s in starts)), chunksize=4)
 
 
+def tally(bad: collections.Counter, bad_ids: dict, stats: dict, bad_rows, counts: dict) -> None:
+    """Add a chunk's bad rows (counted by reason, the first 5 ids kept) and counts."""
+    for reason, rid in bad_rows:
+        bad[reason] += 1
+        if len(bad_ids[reason]) < 5:
+            bad_ids[reason].append(rid)
+    for k, n in counts.items():
+        stats[k] += n
+
+
 def _convert(rows, fmt, fields, tokenizer, cfg, what: str, stats: dict, chunk: int = 1024):
     """Rows -> [Example or None per row], adding to stats; raises above max_bad_fraction.
 
@@ -247,12 +257,7 @@ def _convert(rows, fmt, fields, tokenizer, cfg, what: str, stats: dict, chunk: i
     bad, bad_ids, out = collections.Counter(), collections.defaultdict(list), []
     for examples, bad_rows, counts in _chunks(rows, ids, fmt, fields, tokenizer, cfg, chunk):
         out += examples
-        for reason, rid in bad_rows:
-            bad[reason] += 1
-            if len(bad_ids[reason]) < 5:
-                bad_ids[reason].append(rid)
-        for k, n in counts.items():
-            stats[k] += n
+        tally(bad, bad_ids, stats, bad_rows, counts)
     n_bad = sum(bad.values())
     if n_bad:
         logging.warning("%s: skipped %d of %d rows: %s; first ids %s", what, n_bad, len(rows), dict(bad), dict(bad_ids))

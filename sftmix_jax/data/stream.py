@@ -127,12 +127,7 @@ def build(cfg, tokenizer, seed: int, directory: str) -> dict:
                              "confidence stage)")
         seen.update(ids)
         examples, bad_rows, counts = sources._convert_chunk(rows, ids, cfg.format, cfg.fields, tokenizer, cfg)
-        for reason, rid in bad_rows:
-            bad[reason] += 1
-            if len(bad_ids[reason]) < 5:
-                bad_ids[reason].append(rid)
-        for k, n in counts.items():
-            stats[k] += n
+        sources.tally(bad, bad_ids, stats, bad_rows, counts)
         for e, rid in zip(examples, ids):
             if e is not None:
                 out["held" if is_held_out(rid, seed, cfg.eval_fraction) else "train"].add(e)
