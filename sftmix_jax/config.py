@@ -143,8 +143,11 @@ def check_workdir_config(workdir: str, config: dict) -> None:
 
     if path.exists():
         old = json.loads(path.read_text())
-        if strip(old) != strip(config):
-            diff = sorted(_diff(strip(old), strip(config)))
+        # A key added to the code since the run started, at its default, changes nothing that ran.
+        default = json.loads(defaults().to_json_best_effort())
+        diff = sorted(k for k in _diff(strip(old), strip(config))
+                      if _get(old, k, _MISSING) is not _MISSING or _get(config, k, None) != _get(default, k, _MISSING))
+        if diff:
             raise SystemExit(
                 f"{workdir} holds a run with a different config (differing keys: {', '.join(diff[:10])}). "
                 "Use a new --workdir, or the same config to resume.")
@@ -152,6 +155,17 @@ def check_workdir_config(workdir: str, config: dict) -> None:
             return
     path.parent.mkdir(parents=True, exist_ok=True)  # new, or only mutable keys changed: record them
     multihost.write_atomic(path, json.dumps(config, indent=2, sort_keys=True))
+
+
+_MISSING = object()
+
+
+def _get(tree: dict, dotted: str, default):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return default
+        tree = tree[part]
+    return tree
 
 
 def _diff(a, b, prefix=""):

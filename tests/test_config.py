@@ -96,3 +96,18 @@ def test_workdir_accepts_changed_evaluate_keys_and_records_them(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text()) == changed
     with pytest.raises(SystemExit, match="differing keys: train.lr"):
         config_lib.check_workdir_config(str(tmp_path), {**changed, "train": {"lr": 2.0, "wandb_project": "p"}})
+
+
+def test_a_workdir_from_before_a_new_key_resumes_if_the_key_is_at_its_default(tmp_path):
+    from sftmix_jax import config as config_lib
+
+    c = json.loads(config_lib.defaults().to_json_best_effort())
+    old = json.loads(json.dumps(c))
+    del old["export"], old["reference"]["tokenizer"]  # keys the code did not have when the run started
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    config_lib.check_workdir_config(str(tmp_path), c)  # resumes, and records the new keys
+    assert json.loads((tmp_path / "config.json").read_text()) == c
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    c["export"]["dtype"] = "bfloat16"  # a new key away from its default: a different run
+    with pytest.raises(SystemExit, match=r"differing keys: export"):
+        config_lib.check_workdir_config(str(tmp_path), c)
