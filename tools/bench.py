@@ -44,6 +44,9 @@ SHAPES = {
                  num_kv_heads=2, head_dim=24, tie_embeddings=True),
     "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
                   num_kv_heads=4, head_dim=64, tie_embeddings=False),
+    # issue 22's untuned shape: 8 heads of 32 / 4 KV heads, untied
+    "heads32": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
+                    num_kv_heads=4, head_dim=32, tie_embeddings=False),
     # SmolLM2-135M: 30 layers, d 576, 9 heads / 3 KV heads, vocab 49152, tied
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                     num_kv_heads=3, head_dim=64, tie_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5),
@@ -54,7 +57,7 @@ SHAPES = {
 # Dense bfloat16 TFLOP/s per chip, by device_kind prefix (vendor specs)
 PEAK_TFLOPS = {"NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0, "TPU v4": 275.0,
                "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0}
-DEFAULT_BATCH = {"tiny": (32, 32), "small": (8, 256), "smollm2": (4, 256), "llama1b": (4, 2048)}
+DEFAULT_BATCH = {"tiny": (32, 32), "small": (8, 256), "heads32": (8, 256), "smollm2": (4, 256), "llama1b": (4, 2048)}
 OPT = ml_collections.ConfigDict(dict(lr=1e-4, min_lr_ratio=0.1, warmup_ratio=0.1, weight_decay=0.1,
                                      grad_clip=1.0, b1=0.9, b2=0.95, eps=1e-8))
 
