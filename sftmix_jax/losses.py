@@ -114,17 +114,19 @@ def pair_slots(count_B, A: int):
     return (jnp.arange(A)[None, :] < shared_M[:, None]).astype(jnp.float32), jnp.sum(shared_M).astype(jnp.float32)
 
 
-def mix_pairs(logits_BAV, lam_M):
-    """lam_k * logits[2k] + (1 - lam_k) * logits[2k+1] -> [M, A, V], in float32 at least.
+def mix_pairs(logits_BAV, lam):
+    """lam * logits[2k] + (1 - lam) * logits[2k+1] -> [M, A, V], in float32 at least; lam [M] (one
+    per row pair) or [M, A] (one per position).
 
     Weighted over a [M, 2, A, V] pair axis: its gradient is one broadcast multiply, where the
     strided row slices [0::2] / [1::2] would each pad back to full [B, A, V] and be added.
     """
-    M = lam_M.shape[0]
+    M, A = logits_BAV.shape[0] // 2, logits_BAV.shape[1]
     acc = jnp.promote_types(logits_BAV.dtype, jnp.float32)
-    lam_M2 = jnp.stack([lam_M, 1.0 - lam_M], axis=1)
+    lam_MA = jnp.broadcast_to(lam.reshape(M, -1), (M, A))
+    lam_M2A = jnp.stack([lam_MA, 1.0 - lam_MA], axis=1)
     logits_M2AV = logits_BAV.reshape(M, 2, *logits_BAV.shape[1:]).astype(acc)
-    return jnp.einsum("MsAV,Ms->MAV", logits_M2AV, lam_M2, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("MsAV,MsA->MAV", logits_M2AV, lam_M2A, precision=jax.lax.Precision.HIGHEST)
 
 
 @jax.custom_vjp
@@ -187,39 +189,71 @@ def sftmix_whole_batch(weights_BL, rng, alpha: float, per_pair: bool, max_tokens
             "lam_M": jax.lax.stop_gradient(sample_lambda(rng, alpha, M, per_pair))}
 
 
-def _sftmix_piece(logits_BcV, xs, consts, ntp=True):
-    """One chunk of left-aligned positions: NTP over every row + Mixup of each pair's logits."""
-    (targets_Bc, weights_Bc, valid_Mc), (lam_M, ntp_scale, mix_scale) = xs, consts
-    mixed_McV = mix_pairs(logits_BcV, lam_M)
-    lam_M1 = lam_M[:, None]
-    mix = ce_sum(mixed_McV, (targets_Bc[0::2], targets_Bc[1::2]), (lam_M1 * valid_Mc, (1.0 - lam_M1) * valid_Mc))
-    nll = ce_sum(logits_BcV, (targets_Bc,), (weights_Bc,)) if ntp else jnp.zeros((), jnp.float32)
+def _sftmix_piece(logits_ScV, xs, consts, ntp=True):
+    """One chunk of positions of the S = 2R side rows: NTP over every response token + Mixup of the
+    aligned slots (rows 2r and 2r+1 hold shard r's confident and unconfident sides, slot for slot)."""
+    (targets_Sc, weights_Sc, valid_Rc, lam_Rc), (ntp_scale, mix_scale) = xs, consts
+    mixed_RcV = mix_pairs(logits_ScV, lam_Rc)
+    mix = ce_sum(mixed_RcV, (targets_Sc[0::2], targets_Sc[1::2]), (lam_Rc * valid_Rc, (1.0 - lam_Rc) * valid_Rc))
+    nll = ce_sum(logits_ScV, (targets_Sc,), (weights_Sc,)) if ntp else jnp.zeros((), jnp.float32)
     return ntp_scale * nll + mix_scale * mix, (nll, mix)
 
 
-def _mixup_only_piece(logits_BcV, xs, consts):
-    return _sftmix_piece(logits_BcV, xs, consts, ntp=False)
+def _mixup_only_piece(logits_ScV, xs, consts):
+    return _sftmix_piece(logits_ScV, xs, consts, ntp=False)
+
+
+def pair_sides(weights_BL, max_tokens: int | None = None):
+    """SFTMix's head order. Each batch shard's rows become two side rows of T = (B/R/2) L positions,
+    its confident rows' and its unconfident rows' (S = 2R rows: shard r's sides are rows 2r, 2r+1).
+    Each side row holds first the aligned slots of its pairs, pair by pair (slot n < m_k of pair k,
+    at the same index in both sides), then the rest of its response tokens, then everything else.
+    So the head runs on the response tokens only, as NTP's does, not on B x (longest response).
+
+    Returns (side, idx_ST, valid_ST, pair_ST, active): side(x_BL...) -> x_ST... (the layout
+    change, differentiable), the order within each side row, 1.0 on aligned slots, each
+    position's pair (row // 2), and the most response tokens of any side row.
+    """
+    B, L = weights_BL.shape
+    R = batch_shards()
+    R = R if B % (2 * R) == 0 else 1  # pairs never straddle shards
+    P = B // R // 2
+
+    def side(x):
+        x = x.reshape(R, P, 2, L, *x.shape[2:])
+        return jnp.swapaxes(x, 1, 2).reshape(2 * R, P * L, *x.shape[4:])
+
+    is_resp_BL = weights_BL > 0
+    _, count_B, _ = response_order(weights_BL, max_tokens)
+    shared_B = jnp.repeat(jnp.minimum(count_B[0::2], count_B[1::2]), 2)
+    rank_BL = jnp.cumsum(is_resp_BL, axis=1) - 1
+    kind_BL = jnp.where(is_resp_BL & (rank_BL < shared_B[:, None]), 0, jnp.where(is_resp_BL, 1, 2)).astype(jnp.int32)
+    kind_ST = side(kind_BL)
+    idx_ST = jnp.argsort(kind_ST, axis=1, stable=True)
+    pair_BL = jnp.broadcast_to((jnp.arange(B, dtype=jnp.int32) // 2)[:, None], (B, L))
+    valid_ST = (jnp.take_along_axis(kind_ST, idx_ST, axis=1) == 0).astype(jnp.float32)
+    pair_ST = jnp.take_along_axis(side(pair_BL), idx_ST, axis=1)
+    active = jnp.max(jnp.sum(kind_ST < 2, axis=1))
+    return side, idx_ST, valid_ST, pair_ST, active
 
 
 def _fused_sftmix_loss(h_BLD, head: LinearHead, targets_BL, weights_BL, mu, ntp, max_tokens, chunk, whole):
-    """sftmix_loss with the head fused: positions left-aligned per row (responses first, as
-    align_responses), so pair k's aligned slot n sits at the same position in both rows and a
-    chunk of positions holds both the NTP and the Mixup terms of its logits."""
+    """sftmix_loss with the head fused, in `pair_sides` order: a chunk of positions holds both the
+    NTP and the Mixup terms of its logits, and no logits are formed past the response tokens."""
     L = h_BLD.shape[1]
-    idx_BL, count_B, _ = response_order(weights_BL, max_tokens)
-    h_perm = permute_rows(h_BLD, idx_BL)
-    targets_perm = jnp.take_along_axis(targets_BL, idx_BL, axis=1)
-    weights_perm = jnp.take_along_axis(weights_BL, idx_BL, axis=1)
-    valid_ML, mix_count = pair_slots(count_B, L)
+    side, idx_ST, valid_ST, pair_ST, active = pair_sides(weights_BL, max_tokens)
+    h_STD = permute_rows(side(h_BLD), idx_ST)
+    targets_ST, weights_ST = (jnp.take_along_axis(side(x), idx_ST, axis=1) for x in (targets_BL, weights_BL))
     tokens = jnp.sum(weights_BL.astype(jnp.float32))
     lam_M, tokens_n, mix_n = whole["lam_M"], whole["tokens"], whole["mix_tokens"]  # the whole batch's
+    lam_RT = lam_M[pair_ST[0::2]]
     scales = jax.lax.stop_gradient((1.0 / jnp.maximum(tokens_n, 1.0) if ntp else 0.0, mu / jnp.maximum(mix_n, 1.0)))
     piece = _sftmix_piece if ntp else _mixup_only_piece
-    active = jnp.max(jnp.sum(weights_BL > 0, axis=1))  # positions past every row's responses: skipped
-    loss, (nll, mix) = fused_head_loss(head.capped(piece), head.vd, head.dtype, chunk, h_perm, head.w,
-                                       (targets_perm, weights_perm, valid_ML), (lam_M, *scales), active)
+    rows = h_STD.shape[1] // L  # rows per side row
+    loss, (nll, mix) = fused_head_loss(head.capped(piece), head.vd, head.dtype, chunk and rows * chunk, h_STD, head.w,
+                                       (targets_ST, weights_ST, valid_ST[0::2], lam_RT), scales, active)
     mixup = mix / jnp.maximum(mix_n, 1.0)
-    aux = {"mixup_loss": mixup, "mixup_tokens": mix_count}
+    aux = {"mixup_loss": mixup, "mixup_tokens": jnp.sum(valid_ST[0::2])}
     if ntp:
         aux = {**aux, "ntp_loss": nll / jnp.maximum(tokens_n, 1.0), "tokens": tokens}
     return loss, {**aux, "lambda_mean": jnp.sum(lam_M) / whole["pairs"], "loss": loss}
