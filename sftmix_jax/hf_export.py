@@ -57,7 +57,7 @@ def generation_config(tokenizer, source: str | None, ids: dict) -> dict:
     if tok_eos is not None and tok_eos not in eos:
         eos.append(tok_eos)
     gen.update({k: gen.get(k, ids.get(k)) for k in ("bos_token_id", "pad_token_id")})
-    gen["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    gen["eos_token_id"] = eos[0] if len(eos) == 1 else eos or None
     return {k: v for k, v in gen.items() if v is not None and k != "transformers_version"}
 
 

@@ -92,20 +92,23 @@ def response_nll(h_BLD, head: LinearHead, targets_BL, weights_BL, exact: bool = 
     return nll_Rr.reshape(B)
 
 
-def response_order(weights_BL, max_tokens: int | None = None):
-    """(idx_BL, count_B, A): each row's positions with its response positions first, in order.
-
-    A stable argsort of (not-response) keeps the response positions in their original order, so
-    multi-turn responses concatenate in order. count_B: response tokens per row, clipped to
-    A = max_tokens or L (responses longer than A are truncated).
-    """
+def response_counts(weights_BL, max_tokens: int | None = None):
+    """(count_B, A): response tokens per row, clipped to A = max_tokens or L (Mixup truncates
+    responses longer than A)."""
     L = weights_BL.shape[1]
     A = L if max_tokens is None else int(max_tokens)
     if not 0 < A <= L:
         raise ValueError(f"max_tokens must be in [1, L={L}], got {max_tokens}")
-    is_resp_BL = weights_BL > 0
-    idx_BL = jnp.argsort(jnp.logical_not(is_resp_BL).astype(jnp.int32), axis=1, stable=True)
-    return idx_BL, jnp.minimum(jnp.sum(is_resp_BL, axis=1, dtype=jnp.int32), A), A
+    return jnp.minimum(jnp.sum(weights_BL > 0, axis=1, dtype=jnp.int32), A), A
+
+
+def response_order(weights_BL, max_tokens: int | None = None):
+    """(idx_BL, count_B, A): each row's positions with its response positions first, in order, and
+    `response_counts`. A stable argsort of (not-response) keeps the response positions in their
+    original order, so multi-turn responses concatenate in order."""
+    count_B, A = response_counts(weights_BL, max_tokens)
+    idx_BL = jnp.argsort(jnp.logical_not(weights_BL > 0).astype(jnp.int32), axis=1, stable=True)
+    return idx_BL, count_B, A
 
 
 def pair_slots(count_B, A: int):
@@ -183,7 +186,7 @@ def sftmix_whole_batch(weights_BL, rng, alpha: float, per_pair: bool, max_tokens
     """What SFTMix's loss needs from the whole batch: response tokens, aligned Mixup slots, pairs,
     and one lambda per pair [M], drawn once for the batch."""
     M = _num_pairs(weights_BL.shape[0])
-    _, count_B, _ = response_order(weights_BL, max_tokens)
+    count_B, _ = response_counts(weights_BL, max_tokens)
     _, mix_tokens = pair_slots(count_B, weights_BL.shape[1])
     return {"tokens": jnp.sum(weights_BL.astype(jnp.float32)), "mix_tokens": mix_tokens, "pairs": jnp.float32(M),
             "lam_M": jax.lax.stop_gradient(sample_lambda(rng, alpha, M, per_pair))}
@@ -224,7 +227,7 @@ def pair_sides(weights_BL, max_tokens: int | None = None):
         return jnp.swapaxes(x, 1, 2).reshape(2 * R, P * L, *x.shape[4:])
 
     is_resp_BL = weights_BL > 0
-    _, count_B, _ = response_order(weights_BL, max_tokens)
+    count_B, _ = response_counts(weights_BL, max_tokens)
     shared_B = jnp.repeat(jnp.minimum(count_B[0::2], count_B[1::2]), 2)
     rank_BL = jnp.cumsum(is_resp_BL, axis=1) - 1
     kind_BL = jnp.where(is_resp_BL & (rank_BL < shared_B[:, None]), 0, jnp.where(is_resp_BL, 1, 2)).astype(jnp.int32)

@@ -11,6 +11,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import test_model  # noqa: E402
 from conftest import mesh_of  # noqa: E402
 from sftmix_jax import hf, losses, sharding  # noqa: E402
 from sftmix_jax.model import decode  # noqa: E402
@@ -27,15 +28,8 @@ CASES = {  # Gemma: multi-query; Gemma-2: windows of 4 on layers 0 and 2 of 12 t
 
 
 def make_hf(kind, path):
-    cls, kwargs = CASES[kind]
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cls(**kwargs)).eval()
-    with torch.no_grad():  # HF zero-inits the norms' offsets: randomise them so they count
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.5 * torch.randn_like(p))
-    model.save_pretrained(path)
-    return model
+    """transformers' model of CASES[kind], its norms randomised (HF zero-inits Gemma's offsets), saved."""
+    return test_model.make_hf(*CASES[kind], path)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

@@ -9,6 +9,7 @@ is generated in seconds and not cached. `data.cache_dir=''` turns the cache off.
 """
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from absl import logging
 from sftmix_jax import multihost
 from sftmix_jax.data import sources, stream
 
-VERSION = 3  # bump when Example or the tokenization changes what a key should give
+VERSION = 4  # bump when Example or the tokenization changes what a key should give
 
 
 def _source_stamp(source: str) -> str:
@@ -49,60 +50,64 @@ def key(cfg, tokenizer, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _strings(xs) -> tuple[np.ndarray, np.ndarray]:
-    """UTF-8 bytes of all strings and their offsets (a fixed-width str array pads every row to the longest)."""
-    data = [x.encode() for x in xs]
-    return np.frombuffer(b"".join(data), np.uint8), np.cumsum([0] + [len(d) for d in data]).astype(np.int64)
+# The entry's layout, per split (train, held): one raw file per array, memory-mapped when read
+# (strings as UTF-8 bytes: a fixed-width str array would pad every row to the longest), and the
+# end of each example in it (offsets, .npy).
+ARRAYS = {"tokens": np.int32, "mask": np.int8, "prompt": np.int32, "ids": np.uint8, "answers": np.uint8,
+          "tasks": np.uint8}
+OFFSETS = {"tokens": "offsets", "prompt": "prompt_offsets", "ids": "ids_offsets", "answers": "answers_offsets",
+           "tasks": "tasks_offsets"}  # the mask shares the tokens' offsets
+
+
+class Writer:
+    """One split of an entry, appended example by example (host memory: 8 bytes per example per array)."""
+
+    def __init__(self, directory: str, prefix: str):
+        self.dir, self.prefix, self.n = directory, prefix, 0
+        self.files = {k: open(os.path.join(directory, f"{prefix}_{k}.bin"), "wb") for k in ARRAYS}
+        self.ends = {k: array.array("q", [0]) for k in OFFSETS}
+
+    def add(self, e: sources.Example) -> None:
+        parts = {"tokens": np.asarray(e.input_ids, np.int32), "mask": np.asarray(e.loss_mask, np.int8),
+                 "prompt": np.asarray(e.prompt_ids, np.int32), "ids": e.id.encode(), "answers": e.answer.encode(),
+                 "tasks": (e.task or "").encode()}
+        for k, v in parts.items():
+            self.files[k].write(v if isinstance(v, bytes) else v.tobytes())
+            if k in self.ends:
+                self.ends[k].append(self.ends[k][-1] + len(v))
+        self.n += 1
+
+    def finish(self) -> None:
+        for f in self.files.values():
+            f.close()
+        for k, name in OFFSETS.items():
+            np.save(os.path.join(self.dir, f"{self.prefix}_{name}.npy"), np.frombuffer(self.ends[k], np.int64))
 
 
 def _unstrings(data: np.ndarray, off: np.ndarray) -> list[str]:
-    raw = np.asarray(data).tobytes()
+    raw = data.tobytes()
     return [raw[off[n]:off[n + 1]].decode() for n in range(len(off) - 1)]
 
 
-def _pack(examples, prefix: str) -> dict:
-    cat = lambda xs, dt: np.concatenate([np.asarray(x, dt) for x in xs]) if xs else np.zeros(0, dt)  # noqa: E731
-    offsets = lambda xs: np.cumsum([0] + [len(x) for x in xs]).astype(np.int64)  # noqa: E731
-    tokens, prompts = [e.input_ids for e in examples], [e.prompt_ids for e in examples]
-    strings = {}
-    for name, xs in (("ids", [e.id for e in examples]), ("answers", [e.answer for e in examples]),
-                     ("tasks", [e.task or "" for e in examples])):
-        strings[f"{prefix}_{name}"], strings[f"{prefix}_{name}_offsets"] = _strings(xs)
-    return {**strings, f"{prefix}_tokens": cat(tokens, np.int32), f"{prefix}_offsets": offsets(tokens),
-            f"{prefix}_mask": cat([e.loss_mask for e in examples], np.int8),
-            f"{prefix}_prompt": cat(prompts, np.int32), f"{prefix}_prompt_offsets": offsets(prompts)}
+def _split(path: str, prefix: str) -> list:
+    def mapped(k):  # a plain ndarray view of the map: slices of an np.memmap are several times heavier
+        f = os.path.join(path, f"{prefix}_{k}.bin")
+        return np.asarray(np.memmap(f, ARRAYS[k], "r")) if os.path.getsize(f) else np.zeros(0, ARRAYS[k])
 
-
-def _unpack(z, prefix: str) -> list:
-    off, poff = z[f"{prefix}_offsets"], z[f"{prefix}_prompt_offsets"]
-    tokens, mask, prompt = z[f"{prefix}_tokens"], z[f"{prefix}_mask"], z[f"{prefix}_prompt"]
-    ids, answers, tasks = (_unstrings(z[f"{prefix}_{k}"], z[f"{prefix}_{k}_offsets"]) for k in ("ids", "answers", "tasks"))
+    tokens, mask, prompt = mapped("tokens"), mapped("mask"), mapped("prompt")
+    off, poff = (np.load(os.path.join(path, f"{prefix}_{OFFSETS[k]}.npy")) for k in ("tokens", "prompt"))
+    ids, answers, tasks = (_unstrings(mapped(k), np.load(os.path.join(path, f"{prefix}_{OFFSETS[k]}.npy")))
+                           for k in ("ids", "answers", "tasks"))
     return [sources.Example(id=i, input_ids=tokens[off[n]:off[n + 1]], loss_mask=mask[off[n]:off[n + 1]],
                             prompt_ids=prompt[poff[n]:poff[n + 1]], answer=a, task=t or None)
             for n, (i, a, t) in enumerate(zip(ids, answers, tasks))]
 
 
-def save(path: str, train, held, stats) -> None:
-    """A directory of .npy arrays (read back memory-mapped) and stats.json, renamed into place whole."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    os.makedirs(tmp, exist_ok=True)
-    for name, array in {**_pack(train, "train"), **_pack(held, "held")}.items():
-        np.save(os.path.join(tmp, name + ".npy"), array)
-    with open(os.path.join(tmp, "stats.json"), "w") as f:
-        json.dump(stats, f)
-    try:
-        os.rename(tmp, path)  # complete or absent
-    except OSError:  # another process put the same entry there first
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def read(path: str):
     """The examples' token arrays stay memory-mapped: pages come from disk (or the page cache
     that every process on the host shares) as batches touch them."""
-    # plain ndarray views of the maps: slices of an np.memmap are several times heavier objects
-    z = {f[:-4]: np.asarray(np.load(os.path.join(path, f), mmap_mode="r")) for f in os.listdir(path) if f.endswith(".npy")}
     with open(os.path.join(path, "stats.json")) as f:
-        return _unpack(z, "train"), _unpack(z, "held"), json.load(f)
+        return _split(path, "train"), _split(path, "held"), json.load(f)
 
 
 def load_examples(cfg, tokenizer, seed: int):
@@ -127,16 +132,27 @@ def load_examples(cfg, tokenizer, seed: int):
 
 
 def _build(cfg, tokenizer, seed, path):
+    """Tokenize into a temporary directory, then rename it into place whole (complete or absent)."""
     t = time.perf_counter()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    os.makedirs(tmp, exist_ok=True)
+    writers = {"train": Writer(tmp, "train"), "held": Writer(tmp, "held")}
     if cfg.get("streaming"):  # chunk by chunk to disk (data/stream.py), then read back mapped
-        tmp = f"{path}.{os.getpid()}.tmp"
-        os.makedirs(tmp, exist_ok=True)
-        with open(os.path.join(tmp, "stats.json"), "w") as f:
-            json.dump(stream.build(cfg, tokenizer, seed, tmp), f)
-        os.rename(tmp, path)
-        train, held, stats = read(path)
+        stats = stream.build(cfg, tokenizer, seed, writers)
     else:
         train, held, stats = sources.load_examples(cfg, tokenizer, seed)
-        save(path, train, held, stats)
+        for examples, w in ((train, writers["train"]), (held, writers["held"])):
+            for e in examples:
+                w.add(e)
+    for w in writers.values():
+        w.finish()
+    with open(os.path.join(tmp, "stats.json"), "w") as f:
+        json.dump(stats, f)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process put the same entry there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.get("streaming"):
+        train, held, stats = read(path)
     logging.info("data %s: tokenized in %.1f s, cached in %s", cfg.source, time.perf_counter() - t, path)
     return train, held, stats

@@ -216,23 +216,33 @@ def _convert_chunk(rows, ids, fmt, fields, tokenizer, cfg):
     return out, bad, counts
 
 
-PARALLEL_ROWS = 20_000  # fewer rows tokenize faster than worker processes start
+PARALLEL_ROWS = 20_000
+_WORKER = {}  # in a tokenizing worker process: (fmt, fields, tokenizer, cfg)
+
+
+def _worker_init(*settings):
+    _WORKER["settings"] = settings
+
+
+def _worker_chunk(rows, ids):
+    return _convert_chunk(rows, ids, *_WORKER["settings"])  # fewer rows tokenize faster than worker processes start
 
 
 def _chunks(rows, ids, fmt, fields, tokenizer, cfg, chunk: int):
     """_convert_chunk over the rows in order: in worker processes (data.num_proc; 0 = one per core)
     for large sets, here otherwise. Workers are spawned, not forked: JAX's threads are running."""
     starts = range(0, len(rows), chunk)
-    args = lambda s: (rows[s: s + chunk], ids[s: s + chunk], fmt, fields, tokenizer, cfg)  # noqa: E731
     procs = cfg.get("num_proc", 0) or os.cpu_count() or 1
     if procs <= 1 or len(rows) < PARALLEL_ROWS:
-        yield from (_convert_chunk(*args(s)) for s in starts)
+        yield from (_convert_chunk(rows[s: s + chunk], ids[s: s + chunk], fmt, fields, tokenizer, cfg) for s in starts)
         return
     import concurrent.futures
     import multiprocessing
 
-    with concurrent.futures.ProcessPoolExecutor(min(procs, len(starts)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield from pool.map(_convert_chunk, *zip(*(args(s) for s in starts)), chunksize=4)
+    # the tokenizer and settings go to each worker once (initializer), the rows chunk by chunk
+    with concurrent.futures.ProcessPoolExecutor(min(procs, len(starts)), mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_worker_init, initargs=(fmt, fields, tokenizer, cfg)) as pool:
+        yield from pool.map(_worker_chunk, (rows[s: s + chunk] for s in starts), (ids[s: s + chunk] for s in starts))
 
 
 def tally(bad: collections.Counter, bad_ids: dict, stats: dict, bad_rows, counts: dict) -> None:

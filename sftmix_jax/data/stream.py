@@ -1,6 +1,5 @@
 """Streaming tokenization (data.streaming=True) for sets larger than host memory: rows are read and
-tokenized one chunk at a time and appended to files on disk, which become the tokenization cache
-entry (data/cache.py) that every stage then reads memory-mapped. Host memory holds one chunk of
+tokenized one chunk at a time and appended to the tokenization cache entry (data/cache.py) that every stage then reads memory-mapped. Host memory holds one chunk of
 rows plus 8 bytes per example per array for the offsets.
 
 Differences from the in-memory path: the held-out rows are chosen by a seeded hash of each row's
@@ -9,13 +8,11 @@ takes the first rows. Sources: local JSONL, local parquet, hub sets (`datasets` 
 """
 from __future__ import annotations
 
-import array
 import collections
 import hashlib
 import json
 import os
 
-import numpy as np
 from etils import epath
 
 from sftmix_jax.data import sources
@@ -65,59 +62,14 @@ def is_held_out(row_id: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2**64 < fraction
 
 
-class _Appender:
-    """One split's arrays appended to raw files; `finish` writes the .npy files cache.read maps."""
-
-    ARRAYS = {"tokens": np.int32, "mask": np.int8, "prompt": np.int32, "ids": np.uint8, "answers": np.uint8,
-              "tasks": np.uint8}
-    OFFSETS = {"tokens": "offsets", "prompt": "prompt_offsets", "ids": "ids_offsets", "answers": "answers_offsets",
-               "tasks": "tasks_offsets"}
-
-    def __init__(self, directory: str, prefix: str):
-        self.dir, self.prefix, self.n = directory, prefix, 0
-        self.files = {k: open(os.path.join(directory, f"{prefix}_{k}.bin"), "wb") for k in self.ARRAYS}
-        self.ends = {k: array.array("q", [0]) for k in self.OFFSETS}
-
-    def add(self, e: sources.Example) -> None:
-        parts = {"tokens": np.asarray(e.input_ids, np.int32), "mask": np.asarray(e.loss_mask, np.int8),
-                 "prompt": np.asarray(e.prompt_ids, np.int32), "ids": e.id.encode(), "answers": e.answer.encode(),
-                 "tasks": (e.task or "").encode()}
-        for k, v in parts.items():
-            data = v if isinstance(v, bytes) else v.tobytes()
-            self.files[k].write(data)
-            if k in self.ends:
-                self.ends[k].append(self.ends[k][-1] + len(v))
-        self.n += 1
-
-    def finish(self) -> None:
-        for k, f in self.files.items():
-            f.close()
-            raw = os.path.join(self.dir, f"{self.prefix}_{k}.bin")
-            size = os.path.getsize(raw) // np.dtype(self.ARRAYS[k]).itemsize
-            path = os.path.join(self.dir, f"{self.prefix}_{k}.npy")
-            if not size:
-                np.save(path, np.zeros(0, self.ARRAYS[k]))
-            else:
-                out = np.lib.format.open_memmap(path, "w+", self.ARRAYS[k], (size,))
-                src = np.memmap(raw, self.ARRAYS[k], "r", shape=(size,))
-                for s in range(0, size, 1 << 24):  # copied in pieces: never the whole array in memory
-                    out[s: s + (1 << 24)] = src[s: s + (1 << 24)]
-                out.flush()
-                del out, src
-            os.remove(raw)
-        for k, name in self.OFFSETS.items():
-            np.save(os.path.join(self.dir, f"{self.prefix}_{name}.npy"), np.frombuffer(self.ends[k], np.int64))
-
-
-def build(cfg, tokenizer, seed: int, directory: str) -> dict:
-    """Tokenize cfg.source chunk by chunk into `directory` (cache.read's layout); returns the stats."""
+def build(cfg, tokenizer, seed: int, writers: dict) -> dict:
+    """Tokenize cfg.source chunk by chunk into writers['train'] / ['held'] (cache.Writer); the stats."""
     if cfg.get("mixture") or cfg.source == "synthetic" or cfg.eval_source:
         raise ValueError("data.streaming=True reads one data.source (not a mixture, the synthetic suite or an "
                          "eval_source); set data.streaming=False")
     sources.check_template_fits(cfg, tokenizer)
     stats = {"rows": 0, "bad": {}, "bad_ids": {}, "truncated": 0, "dropped_too_long": 0}
     bad, bad_ids, seen = collections.Counter(), collections.defaultdict(list), set()
-    out = {"train": _Appender(directory, "train"), "held": _Appender(directory, "held")}
     for rows in row_chunks(cfg.source, cfg.split, cfg.num_examples):
         start = stats["rows"]
         ids = [str(r[cfg.fields.id]) if r.get(cfg.fields.id) is not None else str(start + i) for i, r in enumerate(rows)]
@@ -130,13 +82,11 @@ def build(cfg, tokenizer, seed: int, directory: str) -> dict:
         sources.tally(bad, bad_ids, stats, bad_rows, counts)
         for e, rid in zip(examples, ids):
             if e is not None:
-                out["held" if is_held_out(rid, seed, cfg.eval_fraction) else "train"].add(e)
+                writers["held" if is_held_out(rid, seed, cfg.eval_fraction) else "train"].add(e)
         stats["rows"] += len(rows)
     n_bad = sum(bad.values())
     if stats["rows"] and n_bad / stats["rows"] > cfg.max_bad_fraction:
         raise ValueError(f"{cfg.source}: {n_bad} of {stats['rows']} rows are bad (> data.max_bad_fraction="
                          f"{cfg.max_bad_fraction}): reasons {dict(bad)}, first ids {dict(bad_ids)}")
-    for a in out.values():
-        a.finish()
-    stats.update(bad=dict(bad), bad_ids=dict(bad_ids), train=out["train"].n, held_out=out["held"].n)
+    stats.update(bad=dict(bad), bad_ids=dict(bad_ids), train=writers["train"].n, held_out=writers["held"].n)
     return stats
