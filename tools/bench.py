@@ -11,7 +11,9 @@ step, and with --torch the same two steps with transformers' LlamaForCausalLM an
 alternating rounds (`--rounds` x `--steps`) so machine drift hits them alike; medians are
 reported with ratios. --memory measures each step kind's peak host memory in a fresh
 subprocess that runs only that step (peak RSS: runtime, model, optimizer state and the step;
-freed heap pages left over from compilation are given back first, in every framework alike). MFU counts 6*N*tokens (+ attention)
+freed heap pages left over from compilation are given back first, in every framework alike), and
+for our JAX steps also XLA's compiled memory plan (arguments + unaliased outputs + scratch), which,
+unlike peak RSS, does not vary with the allocator from run to run. MFU counts 6*N*tokens (+ attention)
 against --peak-tflops: by default, on CPU, the best of five 2048^3 float32 matmuls measured in the
 same run; on accelerators, the chip's dense bfloat16 spec (PEAK_TFLOPS), with the rate of an
 8192^3 matmul in --dtype measured in the run printed beside it. On GPU, --torch runs PyTorch on
@@ -212,6 +214,12 @@ def measure_peak(step, torch_kind: bool) -> dict:
     return {"peak_mb": jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**20}
 
 
+def compiled_mb(lowered) -> float:
+    """XLA's memory plan for a step, in MB: arguments + outputs not aliased to them + scratch."""
+    m = lowered.compile().memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes) / 2**20
+
+
 def head_loss_step(head: LinearHead, batch, fused: bool, chunk):
     """Head + NTP loss alone, forward and backward (d h, d W) on random hidden states: fused
     (ops/fused_head.py) or the head differentiated through (all logits, optax's cross-entropy)."""
@@ -263,7 +271,7 @@ def main():
     cfg = (hf.model_config(ml_collections.ConfigDict(dict(source=args.model, param_dtype="float32", **runtime)))
            if args.model else ModelConfig(**SHAPES[args.shape], **runtime))
     np_batch = synthetic_batch(B, L, cfg.vocab_size, prompts=not args.no_prompts)
-    steps, n_params = {}, 0
+    steps, n_params, xla_mb = {}, 0, {}
     if any(not k.startswith("torch") for k in kinds):  # a torch-only subprocess holds no JAX model
         model = hf.load_pretrained(args.model, **runtime) if args.model else init_model(cfg)
         graphdef, params = nnx.split(model)
@@ -285,6 +293,8 @@ def main():
                     state[0], state[1], m = fn(state[0], state[1], batch, jax.random.key(0))
                     jax.block_until_ready(m)
                 steps[k] = run
+                if args.memory:  # XLA's own plan: deterministic, unlike peak RSS
+                    xla_mb[k] = compiled_mb(jax_fns[k].jitted.lower(*state, batch, jax.random.key(0), nnx.State({})))
             elif k == "replay":
                 eval_batch = {k2: batch[k2] for k2 in ("input_ids", "targets", "weights")}
                 steps[k] = lambda: jax.block_until_ready(replay_fn(params, eval_batch))
@@ -330,12 +340,15 @@ def main():
             cmd = [c for c in cmd if c not in ("--memory", "--torch")]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             res[k]["peak_mb"] = json.loads(out)["peak_mb"]
+            if k in xla_mb:
+                res[k]["xla_mb"] = xla_mb[k]
     print(f"{args.shape}: {n_params / 1e6:.1f}M params, batch {B}x{L} ({tokens} real tokens), {res['device']}, "
           f"{args.dtype}, remat {args.remat}, attention {attention_impl(args.attention, args.dtype, L, cfg.head_dim)}, "
           f"peak {peak:.3g} TFLOP/s (measured matmul {measured:.3g})")
     for k in kinds:
         mem = f"   peak {'RSS' if jax.default_backend() == 'cpu' else 'mem'} {res[k]['peak_mb']:7.0f} MB" \
             if "peak_mb" in res[k] else ""
+        mem += f"   XLA {res[k]['xla_mb']:6.0f} MB" if "xla_mb" in res[k] else ""
         print(f"  {k:13s} {res[k]['step_ms']:9.1f} ms  {res[k]['tokens_per_s']:9.0f} tokens/s  "
               f"MFU {100 * res[k]['mfu']:5.1f}%{mem}")
     pairs = {"sftmix/ntp step time": ("sftmix", "ntp", "step_ms"),
@@ -343,6 +356,7 @@ def main():
              "head+loss time fused/differentiated": ("head_fused", "head", "step_ms"),
              "sftmix tokens/s ours/torch": ("sftmix", "torch_sftmix", "tokens_per_s"),
              "sftmix/ntp peak memory": ("sftmix", "ntp", "peak_mb"),
+             "sftmix/ntp XLA memory": ("sftmix", "ntp", "xla_mb"),
              "ntp peak memory ours/torch": ("ntp", "torch_ntp", "peak_mb")}
     ratios = {name: res[a][key] / max(res[b][key], 1e-9) for name, (a, b, key) in pairs.items()
               if a in res and b in res and key in res[a] and key in res[b]}
