@@ -129,8 +129,10 @@ def make_train_step(graphdef, tx, loss_fn, accum: int = 1, shardings=None, skip_
         rep = sharding.replicated(b_sh.mesh)
         jitted = jax.jit(step, in_shardings=(p_sh, o_sh, b_sh, rep, None), out_shardings=(p_sh, o_sh, rep),
                          donate_argnums=(0, 1), compiler_options=cpu.compiler_options("train"))
-    return lambda params, opt_state, batch, rng, frozen=None: jitted(
+    call = lambda params, opt_state, batch, rng, frozen=None: jitted(  # noqa: E731
         params, opt_state, batch, rng, nnx.State({}) if frozen is None else frozen)
+    call.jitted = jitted  # ahead-of-time: .lower(params, opt_state, batch, rng, frozen) (tools/compile_time.py)
+    return call
 
 
 def init_optimizer(tx, params, mesh):
