@@ -89,7 +89,7 @@ def test_logits_match_the_unrolled_model(hf_dir):
         assert np.abs(want).max() > 1.0
         err = np.abs(got - want).max()
         print(f"{plain.cfg.model_type} {len(args)} args: max |scanned - unrolled| = {err:.1e}")
-        assert err < 1e-5
+        assert err < 2e-5  # float32 rounding (logits up to ~6 here; seen: 3e-6 to 9e-6)
 
 
 def loss_and_grads(model):
