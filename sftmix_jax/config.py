@@ -82,7 +82,7 @@ def _method_problems(c, stages) -> list[str]:
 
 
 def _model_problems(c) -> list[str]:
-    """Dtypes, remat, attention."""
+    """Dtypes, remat, scan_layers, attention."""
     problems = []
     for key in ("dtype", "param_dtype"):
         if c.model[key] not in DTYPES:
@@ -91,6 +91,8 @@ def _model_problems(c) -> list[str]:
         problems.append(f"config.export.dtype={c.export.dtype!r}: use '' (model.param_dtype) or one of {', '.join(DTYPES)}")
     if c.model.get("remat", "none") not in REMAT:
         problems.append(f"config.model.remat={c.model.remat!r}: use one of {', '.join(REMAT)}")
+    if not isinstance(c.model.get("scan_layers", False), bool):
+        problems.append(f"config.model.scan_layers={c.model.scan_layers!r}: use True or False")
     if c.model.get("attention", "auto") not in ATTENTION:
         problems.append(f"config.model.attention={c.model.attention!r}: use one of {', '.join(ATTENTION)}")
     return problems
@@ -205,6 +207,7 @@ def defaults() -> ml_collections.ConfigDict:
         init=ml_collections.ConfigDict(),  # ModelConfig fields for source='init' / 'pretrain'
         dtype="float32",  # compute dtype (bfloat16 on accelerators)
         param_dtype="float32", remat="none",  # remat: none | full | dots (activation checkpointing per block)
+        scan_layers=False,  # True: the layers' parameters stacked and run under one scan (compile time flat in depth)
         attention="auto"))  # auto | blocked | xla | cudnn | splash
     c.data = sources.default_config()
     c.train = ml_collections.ConfigDict(dict(

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from sftmix_jax.hf_gemma import GEMMA_OFF, POST_NORMS, GEMMA_DEFAULTS, GELU_TANH, gemma_fields, gemma_to_hf
 from sftmix_jax import hf_export
 from sftmix_jax.model.llama import CausalLM, ModelConfig, abstract_model
+from sftmix_jax.sharding import layer_stacked
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gemma", "gemma2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -31,7 +32,8 @@ SHARD_BYTES = 2 << 30  # save_pretrained writes safetensors shards of at most ~2
 # ----------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------
-def config_from_hf(hf: dict, dtype="float32", param_dtype="float32", remat="none", attention="auto") -> ModelConfig:
+def config_from_hf(hf: dict, dtype="float32", param_dtype="float32", remat="none", attention="auto",
+                   scan_layers=False) -> ModelConfig:
     """ModelConfig from a config.json dict; anything we would compute differently raises."""
     kind = hf.get("model_type")
     if kind not in SUPPORTED:
@@ -83,6 +85,7 @@ def config_from_hf(hf: dict, dtype="float32", param_dtype="float32", remat="none
         param_dtype=param_dtype,
         remat=remat,
         attention=attention,
+        scan_layers=scan_layers,
         **fields,
     )
 
@@ -122,7 +125,7 @@ def config_to_hf(cfg: ModelConfig, **extra) -> dict:
     hf.update(architectures=[ARCHITECTURES[cfg.model_type]], **extra)
     hf["dtype"] = cfg.param_dtype
     if cfg.model_type in GEMMA_DEFAULTS:  # the switches must be the family's: read it back
-        back = config_from_hf(hf, cfg.dtype, cfg.param_dtype, cfg.remat, cfg.attention)
+        back = config_from_hf(hf, cfg.dtype, cfg.param_dtype, cfg.remat, cfg.attention, cfg.scan_layers)
         if back != cfg:
             diff = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(back, f.name)]
             raise ValueError(f"a {cfg.model_type} config.json cannot express this model: {', '.join(diff)} differ")
@@ -211,34 +214,45 @@ def _tensor_files(path: str) -> dict:
         return {k: single for k in f.keys()}
 
 
+def _read_tensor(files: dict, path: str, key: tuple, want: tuple, post_norms: bool, used: set) -> np.ndarray:
+    """One HF tensor, checked against the shape of parameter `key` and put in our layout."""
+    name, to_ours, to_hf = hf_name(key, post_norms)
+    if name not in files:
+        raise ValueError(f"tensor {name!r} (for parameter {'.'.join(map(str, key))}) is missing from {path}")
+    # Open per tensor: closing unmaps the file, so its pages do not pile up in memory.
+    with safe_open(files[name], framework="numpy") as f:
+        w = f.get_tensor(name)
+    expected = jax.eval_shape(to_hf, jax.ShapeDtypeStruct(want, np.float32)).shape
+    if w.shape != expected:
+        raise ValueError(f"tensor {name!r} has shape {w.shape}; config.json implies {expected}")
+    used.add(name)
+    return to_ours(w, want)
+
+
 def load_pretrained(path: str, dtype="float32", param_dtype="float32", remat="none", shardings=None,
-                    attention="auto") -> CausalLM:
+                    attention="auto", scan_layers=False) -> CausalLM:
     """CausalLM from a local HF directory or hub id. `shardings`: optional fn(path, value) -> Sharding."""
     path = resolve(path)
     with open(os.path.join(path, "config.json")) as f:
-        cfg = config_from_hf(json.load(f), dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
+        cfg = config_from_hf(json.load(f), dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention,
+                             scan_layers=scan_layers)
     files = _tensor_files(path)
     graphdef, state = nnx.split(abstract_model(cfg))
     flat = dict(nnx.to_flat_state(state))
     used = set()
     for key, var in flat.items():
-        name, to_ours, to_hf = hf_name(key, cfg.post_norms)
-        if name not in files:
-            raise ValueError(f"tensor {name!r} (for parameter {'.'.join(map(str, key))}) is missing from {path}")
-        # Open per tensor: closing unmaps the file, so its pages do not pile up in memory.
-        with safe_open(files[name], framework="numpy") as f:
-            w = f.get_tensor(name)
         want = var.get_value().shape
-        expected = jax.eval_shape(to_hf, jax.ShapeDtypeStruct(want, np.float32)).shape
-        if w.shape != expected:
-            raise ValueError(f"tensor {name!r} has shape {w.shape}; config.json implies {expected}")
-        w = to_ours(w, want).astype(jnp.dtype(param_dtype), copy=False)
+        if layer_stacked(var):  # scan_layers: each layer's HF tensor into its slice of the stack
+            w = np.empty(want, jnp.dtype(param_dtype))
+            for i in range(want[0]):
+                w[i] = _read_tensor(files, path, key[:1] + (i,) + key[1:], want[1:], cfg.post_norms, used)
+        else:
+            w = _read_tensor(files, path, key, want, cfg.post_norms, used).astype(jnp.dtype(param_dtype), copy=False)
         sharding = shardings(key, var) if shardings else None
         if sharding is None:
             var.set_value(jnp.asarray(w))
         else:  # each device (on any host) takes its own block of the tensor
             var.set_value(jax.make_array_from_callback(w.shape, sharding, lambda idx, w=w: w[idx]))
-        used.add(name)
         del w
     unused = sorted(n for n in files if n not in used and not _IGNORED.match(n))
     if cfg.tie_embeddings and unused == ["lm_head.weight"]:
@@ -257,21 +271,37 @@ def _copy_tree(src, dst) -> None:
         f.copy(dst / f.name, overwrite=True)
 
 
+def _per_layer(model: CausalLM, state):
+    """(per-layer path, Variable, value getter) of each variable in the unrolled model's order: a
+    scan_layers stack is taken apart layer by layer, where its first entry stood."""
+    flat = list(nnx.to_flat_state(state))
+    stacked = [(k, v) for k, v in flat if layer_stacked(v)]
+    for key, var in flat:
+        if not layer_stacked(var):
+            yield key, var, var.get_value
+        elif key == stacked[0][0]:
+            for i in range(model.cfg.num_layers):
+                for k, v in stacked:
+                    yield k[:1] + (i,) + k[1:], v, lambda v=v, i=i: v.get_value()[i]
+
+
 def _hf_tensors(model: CausalLM):
     """(HF name, host array) per weight, LoRA adapters folded into their kernels."""
     from sftmix_jax.model.lora import LoRAParam, merged_kernel
     from sftmix_jax.multihost import fetch
 
-    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    entries = list(_per_layer(model, nnx.state(model, nnx.Param)))
+    values = {key: get for key, _, get in entries}
     scales = {tuple(path): m.lora_scale for path, m in nnx.iter_modules(model) if getattr(m, "lora_a", None) is not None}
-    for key, var in flat.items():
+    for key, var, get in entries:
         if isinstance(var, LoRAParam):  # folded into its kernel below: the export is a plain model
             continue
         name, _, to_hf = hf_name(key, model.cfg.post_norms)
-        w = fetch(var.get_value())
-        if key[-1] == "kernel" and key[:-1] in scales:
-            a, b = (fetch(flat[key[:-1] + (n,)].get_value()) for n in ("lora_a", "lora_b"))
-            w = merged_kernel(w, a, b, scales[key[:-1]])
+        w = fetch(get())
+        module = key[:1] + key[2:-1] if layer_stacked(var) else key[:-1]  # as nnx.iter_modules names it
+        if key[-1] == "kernel" and module in scales:
+            a, b = (fetch(values[key[:-1] + (n,)]()) for n in ("lora_a", "lora_b"))
+            w = merged_kernel(w, a, b, scales[module])
         yield name, np.ascontiguousarray(to_hf(w))
 
 
@@ -281,8 +311,12 @@ def _adapters(model: CausalLM):
 
     for path, m in nnx.iter_modules(model):
         if getattr(m, "lora_a", None) is not None:
-            name = hf_name(tuple(path) + ("kernel",), model.cfg.post_norms)[0].removesuffix(".weight")
-            yield name, fetch(m.lora_a.get_value()), fetch(m.lora_b.get_value()), m.lora_scale
+            path = tuple(path)
+            stacked = layer_stacked(m.lora_a)
+            for i in range(model.cfg.num_layers) if stacked else [None]:
+                at = path[:1] + (i,) + path[1:] if stacked else path
+                a, b = (fetch(v.get_value() if i is None else v.get_value()[i]) for v in (m.lora_a, m.lora_b))
+                yield hf_name(at + ("kernel",), model.cfg.post_norms)[0].removesuffix(".weight"), a, b, m.lora_scale
 
 
 def save_pretrained(model: CausalLM, path: str, tokenizer=None, max_shard_bytes: int = SHARD_BYTES, *, dtype=None,
@@ -337,7 +371,8 @@ def save_pretrained(model: CausalLM, path: str, tokenizer=None, max_shard_bytes:
 # ----------------------------------------------------------------------------------------
 def model_config(cfg) -> ModelConfig:
     """ModelConfig of a config.model block, without touching any weights."""
-    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, attention=cfg.get("attention", "auto"))
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, attention=cfg.get("attention", "auto"),
+              scan_layers=cfg.get("scan_layers", False))
     if cfg.source == "init":
         return ModelConfig(**cfg.init.to_dict(), **kw)
     with open(os.path.join(resolve(cfg.source), "config.json")) as f:
@@ -364,7 +399,7 @@ def load_model(cfg, seed: int = 0, mesh=None) -> CausalLM:
     place = None if mesh is None else (
         lambda key, var: sharding.named_sharding(mesh, var.get_metadata().get("out_sharding") or ()))
     return load_pretrained(cfg.source, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, shardings=place,
-                           attention=cfg.get("attention", "auto"))
+                           attention=cfg.get("attention", "auto"), scan_layers=cfg.get("scan_layers", False))
 
 
 def load_tokenizer(source: str):

@@ -23,6 +23,7 @@ RULES = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("layers", None),  # scan_layers' stacked parameters: every device holds every layer's slice
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),
     ("act_embed", None),
@@ -65,6 +66,12 @@ def batch_shards() -> int:
     spec = logical_to_spec(("act_batch",), mesh.axis_names)[0]
     axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
     return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def layer_stacked(var) -> bool:
+    """Whether a Variable holds every layer's value on a leading "layers" axis (scan_layers)."""
+    names = var.get_metadata().get("out_sharding") or ()
+    return bool(names) and names[0] == "layers"
 
 
 def named_sharding(mesh, names) -> NamedSharding:

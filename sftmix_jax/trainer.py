@@ -38,12 +38,19 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, cfg.lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
         end_value=cfg.lr * cfg.min_lr_ratio)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    decay_mask = lambda params: jax.tree.map(_decayed, params, is_leaf=lambda x: isinstance(x, nnx.Variable))  # noqa: E731
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask),
     ), schedule
 
+
+
+def _decayed(p):
+    """Weight matrices are decayed, norms and biases not; a scan_layers stack's layer axis does not count."""
+    if isinstance(p, nnx.Variable):
+        return p.replace(p.ndim - sharding.layer_stacked(p) >= 2)
+    return p.ndim >= 2
 
 
 def split_micro(batch, accum: int):
@@ -125,7 +132,7 @@ def make_train_step(graphdef, tx, loss_fn, accum: int = 1, shardings=None, skip_
     def run(params, opt_state, batch, rng, frozen=None):
         return jitted(params, opt_state, batch, rng, nnx.State({}) if frozen is None else frozen)
 
-    run.jitted = jitted  # for .lower(...) (the bench's compiled-memory figures)
+    run.jitted = jitted  # for .lower(...) ahead of time (the bench's memory plan, tools/compile_time.py)
     return run
 
 

@@ -250,6 +250,7 @@ def main():
     p.add_argument("--dtype", default="float32", help="compute dtype; weights and optimizer state stay float32")
     p.add_argument("--remat", default="none", choices=REMAT)
     p.add_argument("--attention", default="auto", choices=ATTENTION)
+    p.add_argument("--scan-layers", action="store_true", help="the layers stacked and scanned (model.scan_layers)")
     p.add_argument("--ce-chunk", type=int, default=0)
     p.add_argument("--no-prompts", action="store_true",
                    help="every real token is a response token (our head then skips only the padding)")
@@ -267,7 +268,7 @@ def main():
     if unknown := set(kinds) - {"ntp", "sftmix", "replay", "head", "head_fused", "torch_ntp", "torch_sftmix"}:
         raise SystemExit(f"--kinds: unknown {sorted(unknown)} (use ntp, sftmix, replay, head, head_fused)")
     kinds = [args.only] if args.only else kinds
-    runtime = dict(dtype=args.dtype, remat=args.remat, attention=args.attention)
+    runtime = dict(dtype=args.dtype, remat=args.remat, attention=args.attention, scan_layers=args.scan_layers)
     cfg = (hf.model_config(ml_collections.ConfigDict(dict(source=args.model, param_dtype="float32", **runtime)))
            if args.model else ModelConfig(**SHAPES[args.shape], **runtime))
     np_batch = synthetic_batch(B, L, cfg.vocab_size, prompts=not args.no_prompts)

@@ -26,6 +26,7 @@ from sftmix_jax.ops.fused_head import LinearHead
 from sftmix_jax.sharding import RULES, constrain
 
 REMAT = ("none", "full", "dots")
+LAYERS = "layers"  # logical name of the stacked parameters' leading axis (scan_layers)
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
@@ -53,6 +54,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots: activation checkpointing per decoder block
+    scan_layers: bool = False  # one Block with [num_layers, ...] parameters under lax.scan: compile time flat in depth
     attention: str = "auto"  # auto | blocked | xla | cudnn | splash: the causal (training/scoring) kernel
     # Gemma (v1) and Gemma-2
     embed_scale: bool = False  # embeddings times sqrt(hidden_size)
@@ -252,6 +254,42 @@ REMAT_POLICIES = {
 }
 
 
+def stack_blocks(blocks) -> Block:
+    """One Block whose parameters are the blocks' stacked on a leading axis named "layers"."""
+    graphdef, _ = nnx.split(blocks[0])
+    states = [nnx.split(b)[1] for b in blocks]
+
+    def stack(*vs):
+        names = vs[0].get_metadata().get("out_sharding") or (None,) * vs[0].ndim
+        return vs[0].replace(jnp.stack([v.get_value() for v in vs]), out_sharding=(LAYERS,) + tuple(names))
+
+    return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def scan_blocks(stacked: Block, remat, x_BLD, cos_BLH, sin_BLH, masks, cache, index):
+    """The stacked blocks under one lax.scan: one block is traced and compiled, whatever the depth.
+
+    Layers whose masks differ (Gemma-2's sliding and global ones) pick theirs from a stack of the
+    distinct masks by a scanned index. cache: {"k", "v"} stacked per layer, or None.
+    """
+    distinct = list({id(m): m for m in masks}.values())
+    if len(distinct) > 1 and any(m is None for m in distinct):  # one traced body: one attention path
+        raise ValueError("model.scan_layers=True cannot mix masked layers with unmasked (fast-kernel) ones "
+                         "(sliding-window and full layers without an attention soft-cap); set model.scan_layers=False")
+    which_N = jnp.asarray([[id(d) for d in distinct].index(id(m)) for m in masks], jnp.int32)
+    masks_UBLS = None if distinct[0] is None else jnp.stack(distinct)
+    graphdef, params = nnx.split(stacked)
+
+    def body(x_BLD, xs):
+        layer_params, i, layer_cache = xs
+        mask_BLS = None if masks_UBLS is None else masks_UBLS[i if len(distinct) > 1 else 0]
+        return nnx.merge(graphdef, layer_params)(x_BLD, cos_BLH, sin_BLH, mask_BLS, layer_cache, index)
+
+    if remat != "none" and cache is None:
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(body, x_BLD, (params, which_N, cache))
+
+
 # ----------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------
@@ -259,7 +297,8 @@ class CausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype, cfg.initializer_range)
-        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        blocks = [Block(cfg, rngs) for _ in range(cfg.num_layers)]  # the same draws either way
+        self.layers = stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype, cfg.initializer_range)
@@ -285,11 +324,16 @@ class CausalLM(nnx.Module):
         freqs_BLH = jnp.concatenate([freqs_BLh, freqs_BLh], axis=-1)
         cos_BLH, sin_BLH = jnp.cos(freqs_BLH), jnp.sin(freqs_BLH)
 
-        masks = layer_masks(cfg, B, L, attention_mask_BS, None if cache is None else cache[0]["k"].shape[1], index)
+        S = None if cache is None else (cache["k"] if cfg.scan_layers else cache[0]["k"]).shape[-3]
+        masks = layer_masks(cfg, B, L, attention_mask_BS, S, index)
         x_BLD = jnp.take(self.embed[...], input_ids_BL, axis=0).astype(cfg.dtype)
         if cfg.embed_scale:  # Gemma: HF casts the normaliser to the hidden dtype first
             x_BLD = x_BLD * jnp.asarray(cfg.hidden_size**0.5, x_BLD.dtype)
         x_BLD = constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
+        if cfg.scan_layers:
+            x_BLD, new_cache = scan_blocks(self.layers, cfg.remat, x_BLD, cos_BLH, sin_BLH, masks, cache, index)
+            h_BLD = self.norm(x_BLD)
+            return (h_BLD, new_cache) if cache is not None else h_BLD
         new_cache = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
@@ -327,6 +371,9 @@ class CausalLM(nnx.Module):
         cfg = self.cfg
         shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
         zeros = lambda: jnp.zeros(shape, dtype or cfg.dtype)  # noqa: E731
+        if cfg.scan_layers:  # one [num_layers, B, S, K, H] stack per k and v, scanned with the layers
+            shape = (cfg.num_layers,) + shape
+            return {"k": zeros(), "v": zeros()}
         return [{"k": zeros(), "v": zeros()} for _ in range(cfg.num_layers)]
 
 

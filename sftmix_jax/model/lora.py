@@ -62,12 +62,13 @@ def add(model, rank: int, alpha: float, targets, seed: int = 0, mesh=None):
             continue
         kernel = module.kernel
         names = kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim
-        n_in = module.num_in
-        fan_in = int(np.prod(kernel.shape[:n_in]))
+        lead = int(sharding.layer_stacked(kernel))  # scan_layers: one adapter per layer, stacked the same way
+        n_in = lead + module.num_in
+        fan_in = int(np.prod(kernel.shape[lead:n_in]))
         key, sub = jax.random.split(key)
         a = jax.random.uniform(sub, kernel.shape[:n_in] + (rank,), kernel.dtype, -1.0, 1.0) / np.sqrt(fan_in)
-        b = jnp.zeros((rank,) + kernel.shape[n_in:], kernel.dtype)
-        a_names, b_names = tuple(names[:n_in]) + (None,), (None,) + tuple(names[n_in:])
+        b = jnp.zeros(kernel.shape[:lead] + (rank,) + kernel.shape[n_in:], kernel.dtype)
+        a_names, b_names = tuple(names[:n_in]) + (None,), tuple(names[:lead]) + (None,) + tuple(names[n_in:])
         if mesh is not None:
             a = jax.device_put(a, sharding.named_sharding(mesh, a_names))
             b = jax.device_put(b, sharding.named_sharding(mesh, b_names))
@@ -88,19 +89,25 @@ def trainable(model):
     return LoRAParam if has_lora(model) else nnx.Param
 
 
-def merged_kernel(kernel, a, b, scale):
-    """W + scale * A B on the host, in the kernel's dtype (one tensor at a time when exporting)."""
+def merged_kernel(kernel, a, b, scale, stacked=False):
+    """W + scale * A B on the host, in the kernel's dtype (one tensor at a time when exporting).
+    stacked: kernel, A and B hold every layer's on a leading axis (scan_layers)."""
+    if stacked:
+        return np.stack([merged_kernel(*layer, scale) for layer in zip(kernel, a, b)])
     w = np.asarray(kernel, np.float32) + scale * np.tensordot(np.asarray(a, np.float32), np.asarray(b, np.float32), 1)
     return w.astype(np.asarray(kernel).dtype)
 
 
 def merge(model):
     """Fold every adapter into its kernel in place and drop it: a plain model, same logits."""
+    from sftmix_jax import sharding
+
     for _, module in nnx.iter_modules(model):
         if _is_dense(module) and module.lora_a is not None:
             w = module.kernel[...]
-            module.kernel[...] = jax.device_put(merged_kernel(w, module.lora_a[...], module.lora_b[...],
-                                                              module.lora_scale), w.sharding)
+            merged = merged_kernel(w, module.lora_a[...], module.lora_b[...], module.lora_scale,
+                                   sharding.layer_stacked(module.kernel))
+            module.kernel[...] = jax.device_put(merged, w.sharding)
             module.lora_a = module.lora_b = nnx.data(None)
     return model
 

@@ -57,7 +57,8 @@ def run(run) -> dict:
             logging.warning("evaluate: no %s model at %s, skipped", stage, path)
             continue
         model = hf.load_model(ml_collections.ConfigDict(dict(source=path, dtype=c.model.dtype, param_dtype=c.model.param_dtype,
-                                                             remat="none", attention=c.model.get("attention", "auto"))),
+                                                             remat="none", attention=c.model.get("attention", "auto"),
+                                                             scan_layers=c.model.get("scan_layers", False))),
                               mesh=run.mesh)
         per_example = os.path.join(run.stage_dir("evaluate"), f"heldout_{stage}.jsonl")
         m = scoring.heldout_loss(model, held_out, c.evaluate.batch_size, c.data.buckets, run.pad_id, run.mesh,
