@@ -129,6 +129,7 @@ def make_train_step(graphdef, tx, loss_fn, accum: int = 1, shardings=None, skip_
         rep = sharding.replicated(b_sh.mesh)
         jitted = jax.jit(step, in_shardings=(p_sh, o_sh, b_sh, rep, None), out_shardings=(p_sh, o_sh, rep),
                          donate_argnums=(0, 1), compiler_options=cpu.compiler_options("train"))
+
     def run(params, opt_state, batch, rng, frozen=None):
         return jitted(params, opt_state, batch, rng, nnx.State({}) if frozen is None else frozen)
 
