@@ -1,11 +1,14 @@
 """Packed scoring (several examples per row): the packer, and per-example scores equal to one example
 per row on the tiny model, Gemma-2 (windows + soft-caps), a mesh, multiple choice and SmolLM2."""
 import dataclasses
+import json
 
+import ml_collections
 import numpy as np
 import pytest
 
 from conftest import mesh_of, tiny_config
+from sftmix_jax import config as config_lib
 from sftmix_jax import hf, scoring
 from sftmix_jax.data import sources, synthetic
 from sftmix_jax.data.batching import PackedBatches, collate, pack_rows
@@ -130,3 +133,15 @@ def test_smollm2_packed_equals_unpacked(smollm2_dir):
                                         loss_mask=(np.arange(len(ids)) >= len(prompt)).astype(np.int8),
                                         prompt_ids=np.asarray(prompt, np.int32)))
     compare(hf.load_pretrained(smollm2_dir), examples, (64, 128, 256), batch_size=2)
+
+
+def test_config_key_validated_and_old_workdirs_resume(tmp_path):
+    c = config_lib.defaults()
+    assert c.scoring.pack is True
+    c.scoring = ml_collections.ConfigDict(dict(pack="yes"))  # a config file's own block (the field is typed)
+    with pytest.raises(ValueError, match=r"config.scoring.pack='yes'"):
+        config_lib.validate(c, ["confidence"], 1)
+    new = json.loads(config_lib.defaults().to_json_best_effort())
+    old = {k: v for k, v in new.items() if k != "scoring"}  # a workdir from before the key
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    config_lib.check_workdir_config(str(tmp_path), new)
