@@ -76,17 +76,20 @@ def tiny():
     return cfg, train_ex[:60], c.data.buckets
 
 
-def test_packed_scores_equal_one_example_per_row(tiny):
+# blocked: the segment-masked blocked kernel (CPU's); xla: a dense [B, L, L] mask (accelerators')
+@pytest.mark.parametrize("attention", ["blocked", "xla"])
+def test_packed_scores_equal_one_example_per_row(tiny, attention):
     cfg, examples, buckets = tiny
-    compare(init_model(cfg), examples, buckets)
+    compare(init_model(dataclasses.replace(cfg, attention=attention)), examples, buckets)
 
 
-def test_packed_gemma2_windows_and_softcaps(tiny):
+@pytest.mark.parametrize("attention", ["blocked", "xla"])
+def test_packed_gemma2_windows_and_softcaps(tiny, attention):
     cfg, examples, buckets = tiny  # windows of 8 tokens on layers 0 and 2: shorter than most examples
     gemma2 = dataclasses.replace(cfg, model_type="gemma2", num_layers=4, embed_scale=True, norm_plus_one=True,
                                  activation="gelu_tanh", post_norms=True, query_pre_attn_scalar=24.0,
                                  attn_softcap=5.0, final_softcap=3.0, sliding_window=8,
-                                 sliding_layers=(True, False, True, False))
+                                 sliding_layers=(True, False, True, False), attention=attention)
     compare(init_model(gemma2), examples, buckets)
 
 

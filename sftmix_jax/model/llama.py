@@ -229,8 +229,12 @@ def layer_masks(cfg: ModelConfig, B, L, attention_mask_BS, S=None, index=None, s
     A mask where there is padding to hide, a cache, a window shorter than L, a soft-cap or packed
     rows (segment_ids_BL: a token sees its own example only; padding, segment 0, sees padding).
     Sliding windows count cache slots, which equal positions for left-padded prompts and, within
-    one example, for packed rows.
+    one example, for packed rows. Packed rows on the blocked kernel: `attention.Segments` instead,
+    masked block by block (the upper triangle skipped).
     """
+    if (segment_ids_BL is not None and attention_mask_BS is None and S is None
+            and attention.attention_impl(cfg.attention, cfg.dtype, L, cfg.head_dim) == "blocked"):
+        return [attention.Segments(segment_ids_BL, cfg.window(i)) for i in range(cfg.num_layers)]
     made = {}
 
     def mask(window):
