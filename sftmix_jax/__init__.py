@@ -12,5 +12,6 @@ letter has one meaning in every module:
     c  a chunk of positions (fused head)                               X  chunk positions over all rows
     P  prompt length (decoding)         O  new tokens (decoding)       E  examples
     C  replay checkpoints               I  steps of an epoch           2  a pair's two sides
+    Z  a packed row's examples (segments, scoring)
     1  a broadcast axis of size 1
 """

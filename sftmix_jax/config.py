@@ -76,6 +76,8 @@ def _method_problems(c, stages) -> list[str]:
         problems.append(f"config.sftmix.pairing={c.sftmix.pairing!r}: use 'random' (the paper) or 'length'")
     if c.confidence.split not in ("confidence", "random"):
         problems.append(f"config.confidence.split={c.confidence.split!r}: use 'confidence' or 'random'")
+    if not isinstance(c.get("scoring", {}).get("pack", True), bool):
+        problems.append(f"config.scoring.pack={c.scoring.pack!r}: use True (pack examples into rows) or False")
     if "confidence" in stages and c.reference.checkpoints < 2:
         problems.append(f"config.reference.checkpoints={c.reference.checkpoints}: the confidence replay needs >= 2")
     return problems
@@ -224,6 +226,9 @@ def defaults() -> ml_collections.ConfigDict:
         tokenizer="",  # weak-to-strong: '' = the reference model's own tokenizer; 'synthetic' = the built-in one
         checkpoints=3))  # C checkpoints replayed for confidence, evenly spaced, last at the end
     c.confidence = ml_collections.ConfigDict(dict(batch_size=64, split="confidence"))  # or 'random' (the control)
+    # Forward-only scoring (replay, held-out loss, multiple choice): pack several examples per row,
+    # attention kept within each; False: one example per row (the same scores to float rounding).
+    c.scoring = ml_collections.ConfigDict(dict(pack=True))
     c.sftmix = ml_collections.ConfigDict(dict(mu=0.2, alpha=0.5, per_pair=False, ntp=True,
                                               pairing="random"))  # 'length': pair similar response lengths
     c.export = ml_collections.ConfigDict(dict(dtype=""))  # DIR/<stage>/hf weights: '' = model.param_dtype

@@ -73,23 +73,28 @@ def _row_nll_piece(logits_RcV, xs, consts, rows):
     return jnp.sum(nll_Rc), jnp.sum(nll_Rcr, axis=1)
 
 
-def response_nll(h_BLD, head: LinearHead, targets_BL, weights_BL, exact: bool = True):
+def response_nll(h_BLD, head: LinearHead, targets_BL, weights_BL, exact: bool = True,
+                 segment_ids_BL=None, segments: int = 1):
     """Per-row sum of weights * NLL [B], forward only: the head on response tokens only, fused.
 
     exact: the head matmul in float32 at HIGHEST precision whatever the compute dtype (h_BLD and
     the head weight upcast), so a bfloat16 model's scores are not moved by its head's rounding
     (issue 20: ~0.01-0.03 in mean NLL, enough to move examples across the median split); else
     in the compute dtype, as the training losses run it. The body stays in the compute dtype.
+    segment_ids_BL (packed rows, examples 1..segments): per-example sums [B, segments] instead.
     """
     B, L, _ = h_BLD.shape
-    row_BL = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, L))
-    h_RTD, weights_RT, targets_RT, row_RT, active = responses_first(h_BLD, weights_BL, targets_BL, row_BL)
-    rows = h_RTD.shape[1] // L  # rows per shard
-    piece = functools.partial(_row_nll_piece, rows=rows)
+    Z = 1 if segment_ids_BL is None else segments
+    # each (row, example) its own sum: group b * Z + z, where the where() below zeroes padding
+    z_BL = 0 if segment_ids_BL is None else jnp.maximum(segment_ids_BL - 1, 0)
+    group_BL = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None] * Z + z_BL, (B, L))
+    h_RTD, weights_RT, targets_RT, group_RT, active = responses_first(h_BLD, weights_BL, targets_BL, group_BL)
+    groups = h_RTD.shape[1] // L * Z  # rows per shard x examples per row
+    piece = functools.partial(_row_nll_piece, rows=groups)
     dtype, precision = (jnp.promote_types(head.dtype, jnp.float32), jax.lax.Precision.HIGHEST) if exact else (head.dtype, None)
     _, nll_Rr = fused_head_loss(head.capped(piece), head.vd, dtype, None, h_RTD, head.w,
-                                (targets_RT, weights_RT, row_RT % rows), (), active, precision)
-    return nll_Rr.reshape(B)
+                                (targets_RT, weights_RT, group_RT % groups), (), active, precision)
+    return nll_Rr.reshape(B) if segment_ids_BL is None else nll_Rr.reshape(B, Z)
 
 
 def response_counts(weights_BL, max_tokens: int | None = None):

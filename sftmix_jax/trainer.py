@@ -223,10 +223,11 @@ def _setup(model, cfg, loss_fn, total_steps: int, mesh, desc: str):
 
 
 def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed, total_steps,
-          num_replay=0, pad_id=0, buckets=(512,), desc="train", run_config=None):
+          num_replay=0, pad_id=0, buckets=(512,), desc="train", run_config=None, pack=True):
     """Train `model` for `total_steps` (cfg: config.train), resuming from stage_dir/checkpoints if present;
     saves every cfg.save_every steps, at the C replay steps and at the end. Returns (the model with the
-    final parameters, held-out metrics at the final step or None if not evaluated there)."""
+    final parameters, held-out metrics at the final step or None if not evaluated there).
+    pack: held-out scoring packs examples into rows (config.scoring.pack)."""
     graphdef, params, frozen, opt_state, step_fn = _setup(model, cfg, loss_fn, total_steps, mesh, desc)
     keep = checkpoints.replay_steps(total_steps, num_replay) if num_replay else [total_steps]
     ckpt_dir = os.path.join(stage_dir, "checkpoints")
@@ -238,7 +239,7 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
 
     def evaluate(step):
         evals[step] = scoring.heldout_loss(nnx.merge(graphdef, params, frozen), eval_examples, cfg.eval_batch_size,
-                                           buckets, pad_id, mesh)
+                                           buckets, pad_id, mesh, pack=pack)
         log.write(step, {f"eval_{k}": v for k, v in evals[step].items()})
         return evals[step]
 
@@ -317,10 +318,10 @@ def run_stage(run, stage: str, model_cfg, batches, loss_fn, num_replay: int = 0)
     steps = total_steps(c.train, batches.steps_per_epoch)
     model, ev = train(run.stage_dir(stage), model, batches, held_out, loss_fn, c.train, mesh=run.mesh, seed=c.seed,
                       total_steps=steps, num_replay=num_replay, pad_id=run.pad_id, buckets=c.data.buckets,
-                      desc=stage, run_config=c.to_dict())
+                      desc=stage, run_config=c.to_dict(), pack=c.scoring.pack)
     export(run, stage, model, model_cfg.source)
     if ev is None:
         ev = scoring.heldout_loss(model, held_out, c.train.eval_batch_size, c.data.buckets, run.pad_id,
-                                  run.mesh) if held_out else {}
+                                  run.mesh, pack=c.scoring.pack) if held_out else {}
     logging.info("%s: final held-out %s", stage, ev)
     return {"heldout": ev, "steps": steps, "padding": padding}

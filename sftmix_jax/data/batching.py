@@ -176,3 +176,86 @@ def eval_batches(examples: Sequence[Example], batch_size: int, buckets: Sequence
         length = pad_length(int(batches.lengths[rows[rows >= 0]].max()), batches.buckets,
                             batches.fallback)
         yield collate(examples, rows, length, pad_id)
+
+
+# ----------------------------------------------------------------------------------------
+# Packed eval batches: several examples per row (forward-only scoring)
+# ----------------------------------------------------------------------------------------
+def pack_rows(lengths: np.ndarray, length: int, max_segments: int = 64) -> list[list[int]]:
+    """Best-fit decreasing: example indices (each of length <= `length`) -> rows of at most `length`
+    tokens and `max_segments` examples; longest first, each into the row it fills the most."""
+    rows, free_rows = [], [[] for _ in range(length + 1)]  # free_rows[r]: open rows with r tokens free
+    open_count = np.zeros(length + 1, np.int64)  # len(free_rows[r]), searched in NumPy
+    for i in np.argsort(-np.asarray(lengths), kind="stable"):
+        n = int(lengths[i])
+        fits = np.flatnonzero(open_count[n:])
+        if fits.size:
+            free = n + int(fits[0])
+            row = free_rows[free].pop()
+            open_count[free] -= 1
+        else:
+            free, row = length, len(rows)
+            rows.append([])
+        rows[row].append(int(i))
+        if len(rows[row]) < max_segments:
+            free_rows[free - n].append(row)
+            open_count[free - n] += 1
+    return rows
+
+
+def collate_packed(examples: Sequence[Example], rows: Sequence[Sequence[int]], length: int, segments: int,
+                   pad_id: int = 0) -> dict:
+    """Rows of example indices -> [B, length] arrays with segment_ids (0 = padding, z + 1 = the row's
+    z-th example), positions restarting at 0 per example, and index [B, segments] (-1: none).
+
+    An example's last token predicts nothing (weight 0), as in `collate`: never the next example."""
+    B = len(rows)
+    input_ids_BL = np.full((B, length), pad_id, np.int32)
+    targets_BL = np.full((B, length), pad_id, np.int32)
+    weights_BL = np.zeros((B, length), np.float32)
+    segment_ids_BL, positions_BL = np.zeros((B, length), np.int32), np.zeros((B, length), np.int32)
+    index_BZ = np.full((B, segments), -1, np.int32)
+    for b, row in enumerate(rows):
+        start = 0
+        for z, i in enumerate(row):
+            e = examples[i]
+            end = start + len(e.input_ids)
+            input_ids_BL[b, start:end] = e.input_ids
+            targets_BL[b, start:end - 1] = e.input_ids[1:]
+            weights_BL[b, start:end - 1] = e.loss_mask[1:]
+            segment_ids_BL[b, start:end], positions_BL[b, start:end] = z + 1, np.arange(end - start)
+            index_BZ[b, z], start = i, end
+    return {"input_ids": input_ids_BL, "targets": targets_BL, "weights": weights_BL,
+            "segment_ids": segment_ids_BL, "positions": positions_BL, "index": index_BZ}
+
+
+class PackedBatches:
+    """Every example once, packed (`pack_rows`) into batches of `batch_size` rows, the last padded with
+    empty rows. Rows are as long as the largest bucket; examples longer than it are packed apart,
+    into rows of `eval_batches`' fallback length (the longest example rounded up to 64). `segments`
+    (examples per row, a power of two) is fixed for the whole set: one compiled shape per row length."""
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, buckets: Sequence[int], *,
+                 pad_id: int = 0, max_segments: int = 64):
+        self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
+        lengths = np.array([len(e.input_ids) for e in examples], np.int64)
+        fallback = -(-int(lengths.max(initial=1)) // 64) * 64  # as _Batches
+        fits = lengths <= max(buckets)
+        self.plan = []  # (row length, rows of example indices)
+        for group, length in ((fits, max(buckets)), (~fits, fallback)):
+            where = np.flatnonzero(group)
+            if where.size:
+                self.plan.append((length, [[int(where[i]) for i in r] for r in pack_rows(lengths[where], length,
+                                                                                          max_segments)]))
+        most = max((len(r) for _, rows in self.plan for r in rows), default=1)
+        self.segments = 1 << (most - 1).bit_length()
+
+    def __len__(self) -> int:
+        return sum(-(-len(rows) // self.batch_size) for _, rows in self.plan)
+
+    def __iter__(self) -> Iterator[dict]:
+        for length, rows in self.plan:
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start: start + self.batch_size]
+                chunk = chunk + [[]] * (self.batch_size - len(chunk))
+                yield collate_packed(self.examples, chunk, length, self.segments, self.pad_id)

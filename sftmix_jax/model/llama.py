@@ -224,13 +224,22 @@ class Block(nnx.Module):
         return constrain(x_BLD, ("act_batch", "act_length", "act_embed")), cache
 
 
-def layer_masks(cfg: ModelConfig, B, L, attention_mask_BS, S=None, index=None) -> list:
+def layer_masks(cfg: ModelConfig, B, L, attention_mask_BS, S=None, index=None, segment_ids_BL=None) -> list:
     """Per layer, the attention mask [B, L, S] (True: may attend), or None where the causal mask
     alone will do (the fast kernels). S/index: the cache length and first slot when decoding.
 
-    A mask where there is padding to hide, a cache, a window shorter than L or a soft-cap.
-    Sliding windows count cache slots, which equal positions for left-padded prompts.
+    A mask where there is padding to hide, a cache, a window shorter than L, a soft-cap or packed
+    rows (segment_ids_BL: a token sees its own example only; padding, segment 0, sees padding).
+    Sliding windows count cache slots, which equal positions for left-padded prompts and, within
+    one example, for packed rows. Packed rows on the blocked kernel: `attention.Segments` instead,
+    masked block by block (the upper triangle skipped).
     """
+    windows = [cfg.window(i) for i in range(cfg.num_layers)]
+    if (segment_ids_BL is not None and attention_mask_BS is None and S is None
+            and attention.attention_impl(cfg.attention, cfg.dtype, L, cfg.head_dim) == "blocked"
+            and not (cfg.scan_layers and len(set(windows)) > 1)):  # scanned layers index dense masks
+        segments = {w: attention.Segments(segment_ids_BL, w) for w in set(windows)}
+        return [segments[w] for w in windows]
     made = {}
 
     def mask(window):
@@ -241,10 +250,11 @@ def layer_masks(cfg: ModelConfig, B, L, attention_mask_BS, S=None, index=None) -
             valid_BS = (jnp.ones((B, k_1S.shape[1]), bool) if attention_mask_BS is None
                         else attention_mask_BS.astype(bool))
             made[window] = allowed_LS[None] & valid_BS[:, None, :]
+            if segment_ids_BL is not None:
+                made[window] &= segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
         return made[window]
 
-    simple = attention_mask_BS is None and S is None and not cfg.attn_softcap
-    windows = [cfg.window(i) for i in range(cfg.num_layers)]
+    simple = attention_mask_BS is None and S is None and not cfg.attn_softcap and segment_ids_BL is None
     return [None if simple and not (w and L > w) else mask(w) for w in windows]
 
 
@@ -277,12 +287,12 @@ def scan_blocks(stacked: Block, remat, x_BLD, cos_BLH, sin_BLH, masks, cache, in
         raise ValueError("model.scan_layers=True cannot mix masked layers with unmasked (fast-kernel) ones "
                          "(sliding-window and full layers without an attention soft-cap); set model.scan_layers=False")
     which_N = jnp.asarray([[id(d) for d in distinct].index(id(m)) for m in masks], jnp.int32)
-    masks_UBLS = None if distinct[0] is None else jnp.stack(distinct)
+    masks_UBLS = None if len(distinct) == 1 else jnp.stack(distinct)  # one mask (or Segments): used as is
     graphdef, params = nnx.split(stacked)
 
     def body(x_BLD, xs):
         layer_params, i, layer_cache = xs
-        mask_BLS = None if masks_UBLS is None else masks_UBLS[i if len(distinct) > 1 else 0]
+        mask_BLS = distinct[0] if masks_UBLS is None else masks_UBLS[i]
         return nnx.merge(graphdef, layer_params)(x_BLD, cos_BLH, sin_BLH, mask_BLS, layer_cache, index)
 
     if remat != "none" and cache is None:
@@ -303,20 +313,26 @@ class CausalLM(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype, cfg.initializer_range)
 
-    def hidden(self, input_ids_BL, attention_mask_BS=None, positions_BL=None, cache=None, index=None):
+    def hidden(self, input_ids_BL, attention_mask_BS=None, positions_BL=None, cache=None, index=None,
+               segment_ids_BL=None):
         """Final hidden states h_BLD (after the final norm).
 
         attention_mask_BS: 1 for real tokens; None means an unpadded or right-padded batch, where
         the causal mask alone keeps every real token from seeing padding (the fast path).
         cache/index: a KV cache from `init_cache` and the slot of the first token (decoding);
         then attention_mask_BS covers the whole cache. Returns (h_BLD, cache) when decoding.
+        segment_ids_BL: packed rows (scoring), contiguous examples 1, 2, ... and padding 0: attention
+        stays within each example, whose positions restart at 0 unless positions_BL says otherwise.
         """
         cfg = self.cfg
         B, L = input_ids_BL.shape
         if positions_BL is None:
             if cache is not None:
                 raise ValueError("decoding with a cache needs positions_BL")
-            if attention_mask_BS is None:
+            if segment_ids_BL is not None:  # distance from the first token of the token's example
+                first_BL = jnp.not_equal(segment_ids_BL, jnp.pad(segment_ids_BL, ((0, 0), (1, 0)))[:, :-1])
+                positions_BL = jnp.arange(L) - jax.lax.cummax(jnp.where(first_BL, jnp.arange(L), 0), axis=1)
+            elif attention_mask_BS is None:
                 positions_BL = jnp.broadcast_to(jnp.arange(L), (B, L))
             else:  # left or right padding: count real tokens, as HF generate does
                 positions_BL = jnp.maximum(jnp.cumsum(attention_mask_BS, -1) - 1, 0)
@@ -325,7 +341,7 @@ class CausalLM(nnx.Module):
         cos_BLH, sin_BLH = jnp.cos(freqs_BLH), jnp.sin(freqs_BLH)
 
         S = None if cache is None else (cache["k"] if cfg.scan_layers else cache[0]["k"]).shape[-3]
-        masks = layer_masks(cfg, B, L, attention_mask_BS, S, index)
+        masks = layer_masks(cfg, B, L, attention_mask_BS, S, index, segment_ids_BL)
         x_BLD = jnp.take(self.embed[...], input_ids_BL, axis=0).astype(cfg.dtype)
         if cfg.embed_scale:  # Gemma: HF casts the normaliser to the hidden dtype first
             x_BLD = x_BLD * jnp.asarray(cfg.hidden_size**0.5, x_BLD.dtype)

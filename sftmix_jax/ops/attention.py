@@ -1,7 +1,8 @@
 """Attention kernels and the choice among them by backend. The model calls `causal` (training and
 scoring: right-padded rows need the causal mask only) and `masked` (decoding, padded prompts,
-windows shorter than the sequence, soft-capped logits).
+windows shorter than the sequence, soft-capped logits, packed rows).
 """
+import dataclasses
 import functools
 
 import jax
@@ -22,12 +23,23 @@ def causal(q_BLNH, k_BLKH, v_BLKH, scale, attention: str, dtype):
     return jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, scale=scale, is_causal=True, implementation=impl)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Segments:
+    """The mask of packed rows (forward-only scoring), given by segment ids [B, L] (0 = padding):
+    causal within each example, within `window` tokens if set. `masked` runs it blocked."""
+    ids_BL: jax.Array
+    window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+
 def masked(q_BLNH, k_BSKH, v_BSKH, mask_BLS, scale, softcap=None):
-    """Attention under an explicit mask [B, L, S] (float64 keeps its softmax in float64).
+    """Attention under an explicit mask [B, L, S] (float64 keeps its softmax in float64), or `Segments`.
 
     softcap (Gemma-2): logits cap * tanh(s / cap) before the mask, which no fused kernel does, so
     those layers take the plain XLA path (`explicit_attention`).
     """
+    if isinstance(mask_BLS, Segments):  # the blocked kernel, skipping the upper triangle
+        return causal_attention(q_BLNH, k_BSKH, v_BSKH, scale, segments=mask_BLS, softcap=softcap)
     if q_BLNH.dtype == jnp.float64 or softcap:
         return explicit_attention(q_BLNH, k_BSKH, v_BSKH, mask=mask_BLS[:, None], scale=scale, softcap=softcap)
     return jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask=mask_BLS[:, None], scale=scale)
@@ -52,31 +64,49 @@ def explicit_attention(q_BLNH, k_BSKH, v_BSKH, *, mask, scale, softcap=None):
     return jnp.einsum("BKGLS,BSKH->BLKGH", probs_BKGLS, v_BSKH).reshape(B, L, N, H)
 
 
-def causal_attention(q_BLNH, k_BLKH, v_BLKH, scale, block=64):
+def causal_attention(q_BLNH, k_BLKH, v_BLKH, scale, block=64, segments: Segments | None = None, softcap=None):
     """Causal self-attention (no padding mask), one query block at a time against the keys up to it.
 
     Skipping the masked upper triangle halves the work of a full masked softmax; on CPU it runs
     ~3x faster than jax.nn.dot_product_attention's XLA path with its gradient (L 256). Softmax in
     float32 at least, as there. Computed head-major ([B, K, G, L, H]: one transpose in, one out,
-    none per block) with a hand-written VJP (`_causal_blocks`).
+    none per block) with a hand-written VJP (`_causal_blocks`). segments / softcap (packed rows,
+    forward-only scoring): the same blocks under the `Segments` mask and logit cap, differentiated
+    by JAX itself.
     """
     B, L, N, H = q_BLNH.shape
     K = k_BLKH.shape[2]
     q_BKGLH = q_BLNH.reshape(B, L, K, N // K, H).transpose(0, 2, 3, 1, 4)  # query head n uses kv head n // G
-    o_BKGLH = _causal_blocks(q_BKGLH, k_BLKH.transpose(0, 2, 1, 3), v_BLKH.transpose(0, 2, 1, 3), scale, block)
+    k_BKLH, v_BKLH = k_BLKH.transpose(0, 2, 1, 3), v_BLKH.transpose(0, 2, 1, 3)
+    if segments is None and not softcap:
+        o_BKGLH = _causal_blocks(q_BKGLH, k_BKLH, v_BKLH, scale, block)
+    else:
+        o_BKGLH = _causal_blocks_fwd(q_BKGLH, k_BKLH, v_BKLH, scale, block, segments, softcap)[0]
     return o_BKGLH.transpose(0, 3, 1, 2, 4).reshape(B, L, N, H)
+
+
+def _segment_mask(allowed_QS, segments: Segments, start, end):
+    """The causal block's mask [Q, S] -> [B, 1, 1, Q, S]: the query's own example only, within the window."""
+    if segments.window:
+        allowed_QS &= jnp.arange(start, end)[:, None] - jnp.arange(end)[None, :] < segments.window
+    ids_BL = segments.ids_BL
+    return allowed_QS & (ids_BL[:, None, None, start:end, None] == ids_BL[:, None, None, None, :end])
 
 
 def _blocks(L, block):
     return [(start, min(start + block, L)) for start in range(0, L, block)]  # static: trace-time
 
 
-def _causal_blocks_fwd(q_BKGLH, k_BKLH, v_BKLH, scale, block):
+def _causal_blocks_fwd(q_BKGLH, k_BKLH, v_BKLH, scale, block, segments=None, softcap=None):
     acc = jnp.promote_types(q_BKGLH.dtype, jnp.float32)
     outs, probs = [], []
     for start, end in _blocks(q_BKGLH.shape[3], block):
         s_BKGQS = jnp.einsum("BKGQH,BKSH->BKGQS", q_BKGLH[:, :, :, start:end], k_BKLH[:, :, :end]).astype(acc) * scale
+        if softcap:
+            s_BKGQS = jnp.tanh(s_BKGQS / softcap) * softcap
         allowed_QS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+        if segments is not None:
+            allowed_QS = _segment_mask(allowed_QS, segments, start, end)
         p_BKGQS = jax.nn.softmax(jnp.where(allowed_QS, s_BKGQS, jnp.finfo(acc).min), axis=-1).astype(v_BKLH.dtype)
         outs.append(jnp.einsum("BKGQS,BKSH->BKGQH", p_BKGQS, v_BKLH[:, :, :end]))
         probs.append(p_BKGQS)

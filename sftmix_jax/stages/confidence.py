@@ -22,12 +22,12 @@ from sftmix_jax.model.llama import abstract_model
 from sftmix_jax.scoring import example_nll
 
 
-def replay(ckpt_dir, steps, examples, model, batch_size, buckets, pad_id, cache_dir, mesh=None) -> np.ndarray:
+def replay(ckpt_dir, steps, examples, model, batch_size, buckets, pad_id, cache_dir, mesh=None, pack=True) -> np.ndarray:
     """Perplexity [C, n] of every example under each checkpoint, cached per checkpoint.
 
     model: the reference model, abstract (`abstract_model`) or, under LoRA, the base weights with
     adapters. The trained parameters only are restored (all of them, or the adapters), sharded for
-    `mesh`, which may differ from the training mesh.
+    `mesh`, which may differ from the training mesh. pack: `example_nll`'s (config.scoring.pack).
     """
     graphdef, abstract, frozen = nnx.split(model, lora.trainable(model), ...)
     if mesh is not None:
@@ -46,7 +46,7 @@ def replay(ckpt_dir, steps, examples, model, batch_size, buckets, pad_id, cache_
                 f"reference checkpoints {list(steps)}. Restore it, or rerun the reference stage (delete its done.json).")
         params = checkpoints.restore_params(ckpt_dir, step, abstract)
         nll, count = example_nll(nnx.merge(graphdef, params, frozen), examples, batch_size, buckets, pad_id, mesh,
-                                 desc=f"replay step {step}")
+                                 desc=f"replay step {step}", pack=pack)
         if (count == 0).any():
             raise ValueError(f"examples without response tokens: {[examples[i].id for i in np.flatnonzero(count == 0)[:5]]}")
         perp = np.exp(nll / count)
@@ -83,7 +83,8 @@ def run(run) -> dict:
         model = abstract_model(hf.model_config(model_cfg))
     sources.check_vocab(train_ex, model.cfg.vocab_size, f"the reference model ({model_cfg.source})")
     perp_CE = replay(os.path.join(run.stage_dir("reference"), "checkpoints"), steps, train_ex,
-                     model, c.confidence.batch_size, c.data.buckets, run.pad_id, out, run.mesh)
+                     model, c.confidence.batch_size, c.data.buckets, run.pad_id, out, run.mesh,
+                     c.scoring.pack)
     conf_E, var_E = -perp_CE.mean(0), perp_CE.std(0)
     confident, unconfident, dropped = median_split(conf_E)
     split = np.full(len(train_ex), "", object)

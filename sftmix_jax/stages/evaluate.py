@@ -62,18 +62,20 @@ def run(run) -> dict:
                               mesh=run.mesh)
         per_example = os.path.join(run.stage_dir("evaluate"), f"heldout_{stage}.jsonl")
         m = scoring.heldout_loss(model, held_out, c.evaluate.batch_size, c.data.buckets, run.pad_id, run.mesh,
-                         out=per_example if multihost.is_leader() else None)
+                         out=per_example if multihost.is_leader() else None, pack=c.scoring.pack)
         if other_set:
             out = os.path.join(run.stage_dir("evaluate"), f"other_{stage}.jsonl")
             m["other"] = {**scoring.heldout_loss(model, other_set, c.evaluate.batch_size, c.data.buckets, run.pad_id, run.mesh,
-                                         out=out if multihost.is_leader() else None), "source": other.source}
+                                         out=out if multihost.is_leader() else None, pack=c.scoring.pack),
+                          "source": other.source}
         if c.evaluate.exact_match:
             m["exact_match"] = exact_match(model, run.tokenizer, held_out, c.evaluate.max_new_tokens,
                                            c.evaluate.batch_size)
         if questions:
             out = os.path.join(run.stage_dir("evaluate"), f"multiple_choice_{stage}.jsonl")
             m["multiple_choice"] = multiple_choice.evaluate(model, run.tokenizer, questions, mc, c.data.buckets, run.pad_id,
-                                                            run.mesh, out=out if multihost.is_leader() else None)
+                                                            run.mesh, out=out if multihost.is_leader() else None,
+                                                            pack=c.scoring.pack)
         results[label] = m
         logging.info("evaluate %s: %s", label, m)
     summary = {"heldout_examples": len(held_out), "results": results, "models": report.models(as_configured), "config": cfg}

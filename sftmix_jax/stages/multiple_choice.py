@@ -201,11 +201,12 @@ def check_batch_size(cfg, mesh) -> None:
                          f"multiple of the data-parallel size data*fsdp={dp}")
 
 
-def score(model, tokenizer, questions: list[Question], cfg, buckets, pad_id=0, mesh=None) -> list[dict]:
+def score(model, tokenizer, questions: list[Question], cfg, buckets, pad_id=0, mesh=None, pack=True) -> list[dict]:
     """Per question: the answer, the choice by summed, per-character and per-token log-likelihood, the scores."""
     check_batch_size(cfg, mesh)
     examples = option_examples(questions, tokenizer, cfg)
-    nll, count = example_nll(model, examples, cfg.batch_size, buckets, pad_id, mesh, desc="multiple choice")
+    nll, count = example_nll(model, examples, cfg.batch_size, buckets, pad_id, mesh, desc="multiple choice",
+                             pack=pack)
     rows, start = [], 0
     for q in questions:
         span = slice(start, start + len(q.choices))
@@ -226,9 +227,10 @@ def accuracy(rows: list[dict]) -> dict:
             "questions": len(rows)}
 
 
-def evaluate(model, tokenizer, questions, cfg, buckets, pad_id=0, mesh=None, out: str | None = None) -> dict:
-    """Accuracies; `out`: a JSONL file for the per-question choices and scores."""
-    rows = score(model, tokenizer, questions, cfg, buckets, pad_id, mesh)
+def evaluate(model, tokenizer, questions, cfg, buckets, pad_id=0, mesh=None, out: str | None = None,
+             pack=True) -> dict:
+    """Accuracies; `out`: a JSONL file for the per-question choices and scores; pack: `score`'s."""
+    rows = score(model, tokenizer, questions, cfg, buckets, pad_id, mesh, pack)
     if out:
         epath.Path(out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return accuracy(rows)

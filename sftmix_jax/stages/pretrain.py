@@ -131,7 +131,8 @@ def _pretrain(c, tokenizer, mesh, pad_id: int, d: str) -> None:
     batches = TrainBatches(train_docs, t.batch_size, c.pretrain.seed, c.data.buckets, jax.process_index(),
                            jax.process_count(), pad_id=pad_id)
     model, ev = trainer.train(d, model, batches, held, losses.ntp_loss_fn(), t, mesh=mesh, seed=c.pretrain.seed,
-                            total_steps=t.steps, pad_id=pad_id, buckets=c.data.buckets, desc="pretrain")
+                            total_steps=t.steps, pad_id=pad_id, buckets=c.data.buckets, desc="pretrain",
+                            pack=c.scoring.pack)
     hf.save_pretrained(model, os.path.join(d, "hf"), tokenizer=tokenizer)
     if multihost.is_leader():  # written last: its presence means the base is complete
         multihost.write_atomic(epath.Path(d, "done.json"), json.dumps(

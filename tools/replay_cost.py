@@ -1,0 +1,141 @@
+"""Confidence replay cost against training, on real data: one replay pass over the training set (the
+replay makes one per reference checkpoint), packed and one example per row, / one NTP epoch.
+
+    MALLOC_ARENA_MAX=1 python tools/replay_cost.py --config configs/smollm2_meadow.py:data=../shared/data/medical_meadow_small.json
+
+The epoch: the NTP train step's median time at each batch length among epoch 0's batches (a few steps
+each, after warm-up), summed over the epoch's batches. A replay pass: `scoring.example_nll` over the
+training set (or its first --rows examples, scaled up by the token ratio), each shape compiled and
+run once before. Also one layer's attention alone at the packed shape: a dense segment mask (the
+XLA path), the blocked kernel under the segment mask (packed rows on CPU) and the blocked causal
+kernel (one example per row). One process, CPU. Not a test.
+"""
+import argparse
+import collections
+import dataclasses
+import importlib.util
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sftmix_jax import hf, losses, scoring, trainer
+from sftmix_jax.data import sources
+from sftmix_jax.data.batching import PackedBatches, TrainBatches, eval_batches
+from sftmix_jax.model.llama import layer_masks
+from sftmix_jax.ops import attention, cpu
+
+
+def load_config(spec: str):
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("experiment", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def median_seconds(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def epoch_seconds(model, examples, c, steps: int):
+    """(seconds of one NTP epoch, {length: step seconds}, {length: batches})."""
+    batches = TrainBatches(examples, c.train.batch_size, c.seed, c.data.buckets)
+    lengths_I = [batches.batch(i)["input_ids"].shape[1] for i in range(batches.steps_per_epoch)]
+    graphdef, params = nnx.split(model)
+    tx = trainer.make_optimizer(c.train, batches.steps_per_epoch)[0]
+    step = trainer.make_train_step(graphdef, tx, losses.ntp_loss_fn())
+    state = [jax.tree.map(jnp.array, params), None]  # a copy: the step donates its state
+    state[1] = tx.init(state[0])
+    per_length = {}
+    for L in sorted(set(lengths_I)):
+        batch = {k: jnp.asarray(v) for k, v in batches.batch(lengths_I.index(L)).items() if k != "index"}
+
+        def run(batch=batch):
+            state[0], state[1], metrics = step(state[0], state[1], batch, jax.random.key(0))
+            jax.block_until_ready(metrics)
+        run()  # compile + warm up
+        per_length[L] = median_seconds(run, steps)
+    counts = collections.Counter(lengths_I)
+    return sum(per_length[L] * n for L, n in counts.items()), per_length, dict(counts)
+
+
+def replay_seconds(model, examples, batch_size, buckets, pack: bool):
+    """(seconds of one pass, padded tokens, batches), every shape compiled and run once first."""
+    graphdef, state = nnx.split(model)
+    batches = list(PackedBatches(examples, batch_size, buckets) if pack else eval_batches(examples, batch_size, buckets))
+    segments = batches[0]["index"].shape[1] if pack else 1
+    keys = ("input_ids", "targets", "weights") + (("segment_ids", "positions") if pack else ())
+    for shape in {b["input_ids"].shape for b in batches}:
+        b = next(b for b in batches if b["input_ids"].shape == shape)
+        jax.block_until_ready(scoring._example_nll(graphdef, state, {k: b[k] for k in keys}, segments))
+    start = time.perf_counter()
+    scoring.example_nll(model, examples, batch_size, buckets, pack=pack)
+    return time.perf_counter() - start, sum(b["input_ids"].size for b in batches), len(batches)
+
+
+def attention_ms(cfg, batch: dict, reps: int = 5) -> dict:
+    """One layer's attention on a packed batch's shape: a dense segment mask (XLA), the blocked kernel
+    under `attention.Segments` (packed rows on CPU) and the blocked causal kernel (unpacked rows)."""
+    B, L = batch["input_ids"].shape
+    q, k, v = (jax.random.normal(jax.random.key(i), (B, L, n, cfg.head_dim)) for i, n in
+               enumerate((cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads)))
+    ids_BL, scale = jnp.asarray(batch["segment_ids"]), cfg.head_dim ** -0.5
+    dense_BLS = layer_masks(dataclasses.replace(cfg, attention="xla"), B, L, None, segment_ids_BL=ids_BL)[0]
+    fns = {"dense mask": lambda q, k, v, m, ids: attention.masked(q, k, v, m, scale),
+           "blocked segments": lambda q, k, v, m, ids: attention.masked(q, k, v, attention.Segments(ids), scale),
+           "blocked causal": lambda q, k, v, m, ids: attention.causal_attention(q, k, v, scale)}
+    out, args = {}, (q, k, v, dense_BLS, ids_BL)  # arguments, not constants: XLA would fold them
+    for name, fn in fns.items():
+        fn = jax.jit(fn)
+        jax.block_until_ready(fn(*args))
+        out[name] = 1000 * median_seconds(lambda fn=fn: jax.block_until_ready(fn(*args)), reps)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/smollm2_meadow.py")
+    p.add_argument("--rows", type=int, default=0, help="replay the first N training examples only (0: all)")
+    p.add_argument("--train-steps", type=int, default=2, help="timed train steps per batch length")
+    args = p.parse_args()
+    cpu.prefer_accurate_matmuls()  # before JAX starts its backend, as sftmix_jax.main
+    c = load_config(args.config)
+    tokenizer = hf.load_tokenizer(c.model.source)
+    train_ex = sources.load_examples(c.data, tokenizer, c.seed)[0]
+    model = hf.load_pretrained(c.model.source)
+    subset = train_ex[: args.rows] if args.rows else train_ex
+    tokens = lambda ex: sum(len(e.input_ids) for e in ex)  # noqa: E731
+    scale = tokens(train_ex) / tokens(subset)  # a subset's pass, scaled up to the whole set
+    print(f"{len(train_ex)} training examples ({tokens(train_ex)} tokens); replay over {len(subset)} of them "
+          f"(x{scale:.3f} by tokens), confidence.batch_size={c.confidence.batch_size}, buckets={tuple(c.data.buckets)}")
+    passes = {}
+    for pack in (False, True):
+        sec, padded, n = replay_seconds(model, subset, c.confidence.batch_size, c.data.buckets, pack)
+        passes[pack] = sec * scale
+        print(f"replay {'packed  ' if pack else 'unpacked'}: {n} batches, {padded} padded tokens, {sec:.1f} s "
+              f"-> {passes[pack]:.1f} s per pass over the training set")
+    epoch, per_length, counts = epoch_seconds(model, train_ex, c, args.train_steps)
+    print(f"NTP epoch: {sum(counts.values())} batches of {c.train.batch_size} {counts}, step medians "
+          f"{ {L: round(s, 2) for L, s in per_length.items()} } s over {args.train_steps} timed steps each "
+          f"-> {epoch:.1f} s per epoch (extrapolated)")
+    C = c.reference.checkpoints
+    for pack in (False, True):
+        print(f"{'packed  ' if pack else 'unpacked'}: replay / epoch = {passes[pack] / epoch:.3f} per pass, "
+              f"{C * passes[pack] / epoch:.3f} for the {C} checkpoints (target <= 0.2)")
+    print(f"packed / unpacked replay time: {passes[True] / passes[False]:.3f}")
+    first = next(iter(PackedBatches(subset, c.confidence.batch_size, c.data.buckets)))
+    ms = attention_ms(model.cfg, first)
+    print(f"one layer's attention at {first['input_ids'].shape}, ms (x{model.cfg.num_layers} layers per batch): "
+          + ", ".join(f"{k} {v:.1f} ({model.cfg.num_layers * v / 1000:.2f} s)" for k, v in ms.items()))
+
+
+if __name__ == "__main__":
+    main()
