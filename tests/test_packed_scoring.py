@@ -148,3 +148,13 @@ def test_config_key_validated_and_old_workdirs_resume(tmp_path):
     old = {k: v for k, v in new.items() if k != "scoring"}  # a workdir from before the key
     (tmp_path / "config.json").write_text(json.dumps(old))
     config_lib.check_workdir_config(str(tmp_path), new)
+
+
+@pytest.mark.parametrize("gemma2", [False, True], ids=["llama", "gemma2-windows"])
+def test_packed_scores_with_scanned_layers(tiny, gemma2):
+    """model.scan_layers: one segment mask for every layer, or dense masks indexed per layer (windows)."""
+    cfg, examples, buckets = tiny
+    if gemma2:
+        cfg = dataclasses.replace(cfg, model_type="gemma2", num_layers=4, post_norms=True, attn_softcap=5.0,
+                                  sliding_window=8, sliding_layers=(True, False, True, False))
+    compare(init_model(dataclasses.replace(cfg, scan_layers=True)), examples[:30], buckets)
