@@ -276,13 +276,11 @@ def linear_head(W, vd):
     return LinearHead(w, vd, jnp.dtype(jnp.float32), lambda x: x @ (w.T if vd else w))
 
 
-@pytest.mark.parametrize("parts", [1, 2])
 @pytest.mark.parametrize("vd,chunk", [(False, None), (True, None), (False, 8), (True, 7)])
-def test_fused_head_losses_match_numpy_and_the_differentiated_head(monkeypatch, vd, chunk, parts):
+def test_fused_head_losses_match_numpy_and_the_differentiated_head(vd, chunk):
     """NTP and SFTMix (with and without its NTP term) through the fused head: values against the
     NumPy loops; gradients in h and W against differentiating the plain head. chunk 8 and 7 leave
-    a ragged last chunk of L=20. parts: each chunk's work in 1 or 2 parts (accelerators / CPU)."""
-    monkeypatch.setattr(fused_head, "body_parts", lambda: parts)
+    a ragged last chunk of L=20."""
     h, W, t, w = make_batch(13, SPECS, L)
     t_, w_ = jnp.asarray(t), jnp.asarray(w)
     lam = losses.sample_lambda(jax.random.key(5), 0.5, 4, True)
@@ -318,7 +316,6 @@ def test_fused_head_skips_a_frozen_weight_gradient(monkeypatch, min_logits):
     """Differentiating h only (LoRA's frozen head): two matmuls (logits, dh) per candidate chunk
     length, no dW; same dh."""
     monkeypatch.setattr(fused_head, "MIN_CHUNK_LOGITS", min_logits)
-    monkeypatch.setattr(fused_head, "body_parts", lambda: 1)  # the count below is per part
     h, W, t, w = make_batch(14, SPECS, L)
     args = (jnp.asarray(t), jnp.asarray(w))
     fused = jax.jit(jax.grad(lambda h: references.ntp_loss(h, linear_head(W, True), *args)[0]))

@@ -8,8 +8,6 @@ dW, and drop the logits; the backward pass only scales (dh, dW) by the incoming 
 nothing is recomputed (`python tools/bench.py --kinds head,head_fused` times head + NTP
 loss, forward and backward, both ways). `chunk` bounds the live logits to
 [B, chunk, V]; each extra chunk costs one read-modify-write of the float32 [D, V] accumulator.
-On CPU each chunk runs as two independent halves, one per core (`body_parts`), each with its own
-[D, V] accumulator.
 
 Only response tokens carry loss, so the callers put them first (NTP and the replay forward flatten
 each batch shard's rows, responses first; SFTMix left-aligns each row's responses) and pass
@@ -133,17 +131,6 @@ def chunk_cost() -> int:
     return 32 if jax.default_backend() == "cpu" else 512
 
 
-def body_parts() -> int:
-    """Independent parts each chunk's work is cut into (along its positions).
-
-    XLA:CPU runs a loop body of <= 8 operations on one thread (its ThunkExecutor calls that
-    sequential), so one chunk's logits, dW and dh matmuls would keep one core busy and leave the
-    rest idle; two parts give the body enough operations to run concurrently, one per core.
-    Accelerators parallelise inside each matmul: one part.
-    """
-    return 2 if jax.default_backend() == "cpu" else 1
-
-
 def pick_chunk(active, sizes, rows, cost):
     """Index into `sizes` of the chunk length computing the fewest logits for the `active`
     positions of `rows` rows, counting `cost` tokens' worth of fixed cost per chunk."""
@@ -158,59 +145,44 @@ def _fused(loss_fn, vd, dtype, chunk, h_BLD, w, xs, consts, active=None, grads=T
     w_spec = "VD" if vd else "DV"
     V = w.shape[0] if vd else w.shape[1]
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
-    parts = body_parts()
     acc = jnp.promote_types(dtype, jnp.float32)  # dW accumulates in float32 at least
 
-    def part(h_BcD, xs_c, w_):  # one part of a chunk: (loss, aux), dh, dW
+    def body(dw_DV, piece):
+        h_BcD, xs_c = piece
         h_BcD = h_BcD.astype(dtype)
         logits_BcV = constrain(jnp.einsum(f"BcD,{w_spec}->BcV", h_BcD, w_, precision=precision), ("act_batch", None, "act_vocab"))
         if not grads:
-            return loss_fn(logits_BcV, xs_c, consts), None, None
+            return dw_DV, (loss_fn(logits_BcV, xs_c, consts), None)
         (loss, aux), d_BcV = value_and_grad(logits_BcV, xs_c, consts)
         d_BcV = d_BcV.astype(dtype)
         dh_BcD = jnp.einsum(f"BcV,{w_spec}->BcD", d_BcV, w_)
         if not w_grad:  # a frozen head (LoRA): skip its weight gradient
-            return (loss, aux), dh_BcD, None
-        return (loss, aux), dh_BcD, jnp.einsum("BcD,BcV->DV", h_BcD, d_BcV, preferred_element_type=acc)
-
-    def body(P, dws_DV, piece):  # dws_DV: one dW accumulator per part (None: start from zero)
-        h_BcD, xs_c = piece
-        split = lambda x, i: jnp.split(x, P, axis=1)[i]  # noqa: E731
-        # each part sees its own barrier'd copy of W (no copy at run time), so XLA does not
-        # merge the parts' matmuls back into one (dot merging joins dots sharing an operand)
-        ws = jax.lax.optimization_barrier((w_,) * P) if P > 1 else (w_,)
-        outs = [part(split(h_BcD, i), jax.tree.map(lambda x: split(x, i), xs_c), ws[i]) for i in range(P)]
-        result = jax.tree.map(lambda *x: sum(x), *[o[0] for o in outs])
-        if not grads:
-            return dws_DV, (result, None)
-        dh_BcD = outs[0][1] if P == 1 else jnp.concatenate([o[1] for o in outs], axis=1)
-        if outs[0][2] is not None:  # separate accumulators: summed in the loop, the parts' dW matmuls would fuse into one
-            dws_DV = tuple(o[2] for o in outs) if dws_DV is None else tuple(a + o[2] for a, o in zip(dws_DV, outs))
-        return dws_DV, (result, dh_BcD)
+            return dw_DV, ((loss, aux), dh_BcD)
+        dw = jnp.einsum("BcD,BcV->DV", h_BcD, d_BcV, preferred_element_type=acc)
+        return (dw if dw_DV is None else dw_DV + dw), ((loss, aux), dh_BcD)
 
     def chunked(c):  # ((loss, aux), dh_BLD, dw_DV) over chunks of c positions
         n = -(-L // c)
-        P = parts if c % parts == 0 else 1
         pieces = (_pieces(h_BLD, c, n), jax.tree.map(lambda x: _pieces(x, c, n), xs))
-        dw0 = (jnp.zeros((D, V), acc),) * P if grads and w_grad else None
+        dw0 = jnp.zeros((D, V), acc) if grads and w_grad else None
         if n == 1:  # one chunk: no loop, no accumulator
-            dws_DV, out = body(P, None, jax.tree.map(lambda x: x[0], pieces))
+            dw_DV, out = body(None, jax.tree.map(lambda x: x[0], pieces))
             out = jax.tree.map(lambda x: x[None], out)
         elif active is None:
-            dws_DV, out = jax.lax.scan(functools.partial(body, P), dw0, pieces)
+            dw_DV, out = jax.lax.scan(body, dw0, pieces)
         else:  # the chunks before `active` only: the skipped ones keep zero loss, aux and dh
             def step(i, carry):
-                dws_DV, out = carry
-                dws_DV, o = body(P, dws_DV, jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, False), pieces))
-                return dws_DV, jax.tree.map(lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, v, i, 0), out, o)
+                dw_DV, out = carry
+                dw_DV, o = body(dw_DV, jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, False), pieces))
+                return dw_DV, jax.tree.map(lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, v, i, 0), out, o)
 
-            shapes = jax.eval_shape(functools.partial(body, P), dw0, jax.tree.map(lambda x: x[0], pieces))[1]
+            shapes = jax.eval_shape(body, dw0, jax.tree.map(lambda x: x[0], pieces))[1]
             out = jax.tree.map(lambda s: jnp.zeros((n, *s.shape), s.dtype), shapes)
-            dws_DV, out = jax.lax.fori_loop(0, jnp.clip((active + c - 1) // c, 0, n), step, (dw0, out))
+            dw_DV, out = jax.lax.fori_loop(0, jnp.clip((active + c - 1) // c, 0, n), step, (dw0, out))
         (loss, aux), dh = out
         result = jax.tree.map(lambda x: jnp.sum(x, axis=0), (loss, aux))
         dh_BLD = None if dh is None else jnp.moveaxis(dh, 0, 1).reshape(B, n * c, D)[:, :L]
-        return result, dh_BLD, None if dws_DV is None else sum(dws_DV[1:], dws_DV[0])
+        return result, dh_BLD, dw_DV
 
     sizes = chunk_sizes(L, chunk, active is not None, B, V)
     if len(sizes) == 1:
