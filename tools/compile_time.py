@@ -41,12 +41,13 @@ def step_seconds(compiled, cfg: ModelConfig, tx, B: int, L: int, steps: int) -> 
     state = [params, tx.init(params)]
     batch = {k: jnp.asarray(v) for k, v in synthetic_batch(B, L, cfg.vocab_size).items()}
     times = []
-    for _ in range(steps + 1):  # the first is the warm-up
+    for _ in range(steps + 2):  # the first two are the warm-up (the allocator's pages fault in)
         t0 = time.perf_counter()
         state[0], state[1], m = compiled(state[0], state[1], batch, jax.random.key(0), nnx.State({}))
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
-    return float(np.median(times[1:]))
+    print("  step times", " ".join(f"{t:.3f}" for t in times), flush=True)
+    return float(np.median(times[2:]))
 
 
 def main():
