@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from sftmix_jax.hf_gemma import GEMMA_OFF, POST_NORMS, GEMMA_DEFAULTS, GELU_TANH, gemma_fields, gemma_to_hf
 from sftmix_jax import hf_export
+from sftmix_jax.model import scan
 from sftmix_jax.model.llama import CausalLM, ModelConfig, abstract_model
 from sftmix_jax.sharding import layer_stacked
 
@@ -234,8 +235,7 @@ def load_pretrained(path: str, dtype="float32", param_dtype="float32", remat="no
     """CausalLM from a local HF directory or hub id. `shardings`: optional fn(path, value) -> Sharding."""
     path = resolve(path)
     with open(os.path.join(path, "config.json")) as f:
-        cfg = config_from_hf(json.load(f), dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention,
-                             scan_layers=scan_layers)
+        cfg = config_from_hf(json.load(f), dtype, param_dtype, remat, attention, scan_layers)
     files = _tensor_files(path)
     graphdef, state = nnx.split(abstract_model(cfg))
     flat = dict(nnx.to_flat_state(state))
@@ -271,26 +271,11 @@ def _copy_tree(src, dst) -> None:
         f.copy(dst / f.name, overwrite=True)
 
 
-def _per_layer(model: CausalLM, state):
-    """(per-layer path, Variable, value getter) of each variable in the unrolled model's order: a
-    scan_layers stack is taken apart layer by layer, where its first entry stood."""
-    flat = list(nnx.to_flat_state(state))
-    stacked = [(k, v) for k, v in flat if layer_stacked(v)]
-    for key, var in flat:
-        if not layer_stacked(var):
-            yield key, var, var.get_value
-        elif key == stacked[0][0]:
-            for i in range(model.cfg.num_layers):
-                for k, v in stacked:
-                    yield k[:1] + (i,) + k[1:], v, lambda v=v, i=i: v.get_value()[i]
-
-
 def _hf_tensors(model: CausalLM):
     """(HF name, host array) per weight, LoRA adapters folded into their kernels."""
     from sftmix_jax.model.lora import LoRAParam, merged_kernel
     from sftmix_jax.multihost import fetch
-
-    entries = list(_per_layer(model, nnx.state(model, nnx.Param)))
+    entries = list(scan.per_layer(nnx.state(model, nnx.Param), model.cfg.num_layers))
     values = {key: get for key, _, get in entries}
     scales = {tuple(path): m.lora_scale for path, m in nnx.iter_modules(model) if getattr(m, "lora_a", None) is not None}
     for key, var, get in entries:
@@ -311,8 +296,7 @@ def _adapters(model: CausalLM):
 
     for path, m in nnx.iter_modules(model):
         if getattr(m, "lora_a", None) is not None:
-            path = tuple(path)
-            stacked = layer_stacked(m.lora_a)
+            path, stacked = tuple(path), layer_stacked(m.lora_a)
             for i in range(model.cfg.num_layers) if stacked else [None]:
                 at = path[:1] + (i,) + path[1:] if stacked else path
                 a, b = (fetch(v.get_value() if i is None else v.get_value()[i]) for v in (m.lora_a, m.lora_b))

@@ -226,8 +226,7 @@ def train(stage_dir, model, batches, eval_examples, loss_fn, cfg, *, mesh, seed,
           num_replay=0, pad_id=0, buckets=(512,), desc="train", run_config=None, pack=True):
     """Train `model` for `total_steps` (cfg: config.train), resuming from stage_dir/checkpoints if present;
     saves every cfg.save_every steps, at the C replay steps and at the end. Returns (the model with the
-    final parameters, held-out metrics at the final step or None if not evaluated there).
-    pack: held-out scoring packs examples into rows (config.scoring.pack)."""
+    final parameters, held-out metrics at the final step or None if not evaluated there). pack: config.scoring.pack."""
     graphdef, params, frozen, opt_state, step_fn = _setup(model, cfg, loss_fn, total_steps, mesh, desc)
     keep = checkpoints.replay_steps(total_steps, num_replay) if num_replay else [total_steps]
     ckpt_dir = os.path.join(stage_dir, "checkpoints")

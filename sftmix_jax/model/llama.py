@@ -19,14 +19,13 @@ from flax import nnx
 
 from flax.core import spmd as flax_spmd
 
-from sftmix_jax.model import lora
+from sftmix_jax.model import lora, scan
 from sftmix_jax.ops import attention, cpu
 from sftmix_jax.ops.attention import ATTENTION
 from sftmix_jax.ops.fused_head import LinearHead
 from sftmix_jax.sharding import RULES, constrain
 
 REMAT = ("none", "full", "dots")
-LAYERS = "layers"  # logical name of the stacked parameters' leading axis (scan_layers)
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
@@ -264,42 +263,6 @@ REMAT_POLICIES = {
 }
 
 
-def stack_blocks(blocks) -> Block:
-    """One Block whose parameters are the blocks' stacked on a leading axis named "layers"."""
-    graphdef, _ = nnx.split(blocks[0])
-    states = [nnx.split(b)[1] for b in blocks]
-
-    def stack(*vs):
-        names = vs[0].get_metadata().get("out_sharding") or (None,) * vs[0].ndim
-        return vs[0].replace(jnp.stack([v.get_value() for v in vs]), out_sharding=(LAYERS,) + tuple(names))
-
-    return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
-
-
-def scan_blocks(stacked: Block, remat, x_BLD, cos_BLH, sin_BLH, masks, cache, index):
-    """The stacked blocks under one lax.scan: one block is traced and compiled, whatever the depth.
-
-    Layers whose masks differ (Gemma-2's sliding and global ones) pick theirs from a stack of the
-    distinct masks by a scanned index. cache: {"k", "v"} stacked per layer, or None.
-    """
-    distinct = list({id(m): m for m in masks}.values())
-    if len(distinct) > 1 and any(m is None for m in distinct):  # one traced body: one attention path
-        raise ValueError("model.scan_layers=True cannot mix masked layers with unmasked (fast-kernel) ones "
-                         "(sliding-window and full layers without an attention soft-cap); set model.scan_layers=False")
-    which_N = jnp.asarray([[id(d) for d in distinct].index(id(m)) for m in masks], jnp.int32)
-    masks_UBLS = None if len(distinct) == 1 else jnp.stack(distinct)  # one mask (or Segments): used as is
-    graphdef, params = nnx.split(stacked)
-
-    def body(x_BLD, xs):
-        layer_params, i, layer_cache = xs
-        mask_BLS = distinct[0] if masks_UBLS is None else masks_UBLS[i]
-        return nnx.merge(graphdef, layer_params)(x_BLD, cos_BLH, sin_BLH, mask_BLS, layer_cache, index)
-
-    if remat != "none" and cache is None:
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    return jax.lax.scan(body, x_BLD, (params, which_N, cache))
-
-
 # ----------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------
@@ -308,7 +271,7 @@ class CausalLM(nnx.Module):
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype, cfg.initializer_range)
         blocks = [Block(cfg, rngs) for _ in range(cfg.num_layers)]  # the same draws either way
-        self.layers = stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
+        self.layers = scan.stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype, cfg.initializer_range)
@@ -347,7 +310,8 @@ class CausalLM(nnx.Module):
             x_BLD = x_BLD * jnp.asarray(cfg.hidden_size**0.5, x_BLD.dtype)
         x_BLD = constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
         if cfg.scan_layers:
-            x_BLD, new_cache = scan_blocks(self.layers, cfg.remat, x_BLD, cos_BLH, sin_BLH, masks, cache, index)
+            x_BLD, new_cache = scan.scan_blocks(self.layers, REMAT_POLICIES, cfg.remat, x_BLD, cos_BLH, sin_BLH, masks,
+                                                cache, index)
             h_BLD = self.norm(x_BLD)
             return (h_BLD, new_cache) if cache is not None else h_BLD
         new_cache = []
