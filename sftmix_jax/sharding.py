@@ -12,6 +12,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+LAYERS = "layers"  # logical name of scan_layers' stacked parameters' leading axis
+
 # Parameters: FSDP shards the embedding dim over `fsdp`; tensor parallelism shards heads,
 # the MLP width and the vocabulary over `tensor`. Activations ("act_*") are batch-sharded
 # over data x fsdp and keep their model dims whole except the tensor-parallel ones.
@@ -23,7 +25,7 @@ RULES = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("norm", None),
-    ("layers", None),  # scan_layers' stacked parameters: every device holds every layer's slice
+    (LAYERS, None),  # scan_layers' stacked parameters: every device holds every layer's slice
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),
     ("act_embed", None),
@@ -71,7 +73,7 @@ def batch_shards() -> int:
 def layer_stacked(var) -> bool:
     """Whether a Variable holds every layer's value on a leading "layers" axis (scan_layers)."""
     names = var.get_metadata().get("out_sharding") or ()
-    return bool(names) and names[0] == "layers"
+    return bool(names) and names[0] == LAYERS
 
 
 def named_sharding(mesh, names) -> NamedSharding:

@@ -2,24 +2,25 @@
 replay makes one per reference checkpoint), packed and one example per row, / one NTP epoch.
 
     MALLOC_ARENA_MAX=1 python tools/replay_cost.py --config configs/smollm2_meadow.py:data=../shared/data/medical_meadow_small.json
+    (--config.KEY=VALUE overrides as for sftmix_jax.main; --rows N, --train_steps N)
 
 The epoch: the NTP train step's median time at each batch length among epoch 0's batches (a few steps
 each, after warm-up), summed over the epoch's batches. A replay pass: `scoring.example_nll` over the
-training set (or its first --rows examples, scaled up by the token ratio), each shape compiled and
-run once before. Also one layer's attention alone at the packed shape: a dense segment mask (the
-XLA path), the blocked kernel under the segment mask (packed rows on CPU) and the blocked causal
-kernel (one example per row). One process, CPU. Not a test.
+training set (or its first --rows examples, scaled up by the token ratio), timed after an untimed
+pass that compiles every shape. Also one layer's attention alone at the packed shape: a dense
+segment mask (the XLA path), the blocked kernel under the segment mask (packed rows on CPU) and the
+blocked causal kernel (one example per row). One process, CPU. Not a test.
 """
-import argparse
 import collections
 import dataclasses
-import importlib.util
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import nnx
+from ml_collections import config_flags
 
 from sftmix_jax import hf, losses, scoring, trainer
 from sftmix_jax.data import sources
@@ -27,14 +28,9 @@ from sftmix_jax.data.batching import PackedBatches, TrainBatches, eval_batches
 from sftmix_jax.model.llama import layer_masks
 from sftmix_jax.ops import attention, cpu
 
-
-def load_config(spec: str):
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("experiment", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_meadow.py", "Experiment config (configs/NAME.py[:ARG]).")
+_ROWS = flags.DEFINE_integer("rows", 0, "Replay the first N training examples only (0: all), scaled up by tokens.")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 2, "Timed train steps per batch length.")
 
 def median_seconds(fn, n: int) -> float:
     times = []
@@ -68,14 +64,9 @@ def epoch_seconds(model, examples, c, steps: int):
 
 
 def replay_seconds(model, examples, batch_size, buckets, pack: bool):
-    """(seconds of one pass, padded tokens, batches), every shape compiled and run once first."""
-    graphdef, state = nnx.split(model)
+    """(seconds of one pass, padded tokens, batches), after an untimed pass compiled every shape."""
     batches = list(PackedBatches(examples, batch_size, buckets) if pack else eval_batches(examples, batch_size, buckets))
-    segments = batches[0]["index"].shape[1] if pack else 1
-    keys = ("input_ids", "targets", "weights") + (("segment_ids", "positions") if pack else ())
-    for shape in {b["input_ids"].shape for b in batches}:
-        b = next(b for b in batches if b["input_ids"].shape == shape)
-        jax.block_until_ready(scoring._example_nll(graphdef, state, {k: b[k] for k in keys}, segments))
+    scoring.example_nll(model, examples, batch_size, buckets, pack=pack)  # compile + warm up
     start = time.perf_counter()
     scoring.example_nll(model, examples, batch_size, buckets, pack=pack)
     return time.perf_counter() - start, sum(b["input_ids"].size for b in batches), len(batches)
@@ -100,18 +91,14 @@ def attention_ms(cfg, batch: dict, reps: int = 5) -> dict:
     return out
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/smollm2_meadow.py")
-    p.add_argument("--rows", type=int, default=0, help="replay the first N training examples only (0: all)")
-    p.add_argument("--train-steps", type=int, default=2, help="timed train steps per batch length")
-    args = p.parse_args()
+def main(argv):
+    del argv
     cpu.prefer_accurate_matmuls()  # before JAX starts its backend, as sftmix_jax.main
-    c = load_config(args.config)
+    c, rows, train_steps = _CONFIG.value, _ROWS.value, _TRAIN_STEPS.value
     tokenizer = hf.load_tokenizer(c.model.source)
     train_ex = sources.load_examples(c.data, tokenizer, c.seed)[0]
     model = hf.load_pretrained(c.model.source)
-    subset = train_ex[: args.rows] if args.rows else train_ex
+    subset = train_ex[:rows] if rows else train_ex
     tokens = lambda ex: sum(len(e.input_ids) for e in ex)  # noqa: E731
     scale = tokens(train_ex) / tokens(subset)  # a subset's pass, scaled up to the whole set
     print(f"{len(train_ex)} training examples ({tokens(train_ex)} tokens); replay over {len(subset)} of them "
@@ -122,9 +109,9 @@ def main():
         passes[pack] = sec * scale
         print(f"replay {'packed  ' if pack else 'unpacked'}: {n} batches, {padded} padded tokens, {sec:.1f} s "
               f"-> {passes[pack]:.1f} s per pass over the training set")
-    epoch, per_length, counts = epoch_seconds(model, train_ex, c, args.train_steps)
+    epoch, per_length, counts = epoch_seconds(model, train_ex, c, train_steps)
     print(f"NTP epoch: {sum(counts.values())} batches of {c.train.batch_size} {counts}, step medians "
-          f"{ {L: round(s, 2) for L, s in per_length.items()} } s over {args.train_steps} timed steps each "
+          f"{ {L: round(s, 2) for L, s in per_length.items()} } s over {train_steps} timed steps each "
           f"-> {epoch:.1f} s per epoch (extrapolated)")
     C = c.reference.checkpoints
     for pack in (False, True):
@@ -138,4 +125,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -285,17 +285,14 @@ class CausalLM(nnx.Module):
         cache/index: a KV cache from `init_cache` and the slot of the first token (decoding);
         then attention_mask_BS covers the whole cache. Returns (h_BLD, cache) when decoding.
         segment_ids_BL: packed rows (scoring), contiguous examples 1, 2, ... and padding 0: attention
-        stays within each example, whose positions restart at 0 unless positions_BL says otherwise.
+        stays within each example; positions_BL (restarting per example) comes with them.
         """
         cfg = self.cfg
         B, L = input_ids_BL.shape
         if positions_BL is None:
-            if cache is not None:
-                raise ValueError("decoding with a cache needs positions_BL")
-            if segment_ids_BL is not None:  # distance from the first token of the token's example
-                first_BL = jnp.not_equal(segment_ids_BL, jnp.pad(segment_ids_BL, ((0, 0), (1, 0)))[:, :-1])
-                positions_BL = jnp.arange(L) - jax.lax.cummax(jnp.where(first_BL, jnp.arange(L), 0), axis=1)
-            elif attention_mask_BS is None:
+            if cache is not None or segment_ids_BL is not None:
+                raise ValueError("decoding with a cache and packed rows need positions_BL")
+            if attention_mask_BS is None:
                 positions_BL = jnp.broadcast_to(jnp.arange(L), (B, L))
             else:  # left or right padding: count real tokens, as HF generate does
                 positions_BL = jnp.maximum(jnp.cumsum(attention_mask_BS, -1) - 1, 0)

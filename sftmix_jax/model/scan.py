@@ -4,9 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sftmix_jax.sharding import layer_stacked
-
-LAYERS = "layers"  # logical name of the stacked parameters' leading axis (never sharded: sharding.RULES)
+from sftmix_jax.sharding import LAYERS, layer_stacked
 
 
 def stack_blocks(blocks):
