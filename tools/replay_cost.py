@@ -9,7 +9,8 @@ each, after warm-up), summed over the epoch's batches. A replay pass: `scoring.e
 training set (or its first --rows examples, scaled up by the token ratio), timed after an untimed
 pass that compiles every shape. Also one layer's attention alone at the packed shape: a dense
 segment mask (the XLA path), the blocked kernel under the segment mask (packed rows on CPU) and the
-blocked causal kernel (one example per row). One process, CPU. Not a test.
+blocked causal kernel (one example per row), each compiled as the replay's forward pass. One process,
+CPU. Not a test.
 """
 import collections
 import dataclasses
@@ -85,7 +86,7 @@ def attention_ms(cfg, batch: dict, reps: int = 5) -> dict:
            "blocked causal": lambda q, k, v, m, ids: attention.causal_attention(q, k, v, scale)}
     out, args = {}, (q, k, v, dense_BLS, ids_BL)  # arguments, not constants: XLA would fold them
     for name, fn in fns.items():
-        fn = jax.jit(fn)
+        fn = jax.jit(fn, compiler_options=cpu.compiler_options("forward"))  # as the replay compiles it
         jax.block_until_ready(fn(*args))
         out[name] = 1000 * median_seconds(lambda fn=fn: jax.block_until_ready(fn(*args)), reps)
     return out
