@@ -107,8 +107,6 @@ def workdir(tmp_path_factory):
     return d
 
 
-
-
 # The longest files (subprocess runs of the pipeline) first: with pytest-xdist (pytest.ini) each
 # file runs on one worker in this order, so none of them starts last and runs alone.
 HEAVY_FIRST = ("test_multihost.py", "test_pretrain.py", "test_pipeline.py", "test_weak_to_strong.py",
