@@ -73,3 +73,14 @@ def test_keep_freed_memory_respects_the_users_malloc_settings():
                                      text=True, check=True).stdout.split()[-1]
     assert run(env) == "True"  # glibc on the CPU backend
     assert run({**env, "MALLOC_ARENA_MAX": "2"}) == "False"
+
+
+def test_hot_step_options_keep_nan_in_softmax_and_logsumexp():
+    # xla_cpu_enable_fast_min_max may drop a NaN from a max; the exp and the sum still carry it,
+    # so a NaN logit still makes a NaN loss (the trainer's non-finite check).
+    x = jnp.array([[1.0, jnp.nan, 3.0], [1.0, 2.0, 3.0]])
+    for kind in ("train", "forward"):
+        f = jax.jit(lambda x: (jax.nn.logsumexp(x, -1), jax.nn.softmax(x, -1)), compiler_options=cpu.compiler_options(kind))
+        lse, probs = f(x)
+        assert np.isnan(lse[0]) and np.isnan(probs[0]).all()
+        np.testing.assert_allclose(lse[1], np.log(np.exp([1.0, 2.0, 3.0]).sum()), rtol=1e-6)

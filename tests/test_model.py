@@ -202,6 +202,27 @@ def test_cpu_einsum_gradients_match_autodiff(eq, x_shape, w_shape):
         assert frozen.lower(x, w).as_text().count("dot_general") == 2
 
 
+def test_rope_gradient_is_the_transposed_rotation():
+    """apply_rope and its hand-written VJP against NumPy's matrix per position (float64), with cos /
+    sin halves that differ, so the VJP must be the exact transpose, not a rotation by -angle."""
+    from sftmix_jax.model.llama import apply_rope
+
+    rng = np.random.default_rng(3)
+    B, L, N, H = 2, 5, 3, 8
+    x, g = rng.normal(size=(B, L, N, H)), rng.normal(size=(B, L, N, H))
+    cos, sin = rng.normal(size=(B, L, H)), rng.normal(size=(B, L, H))
+    R = np.zeros((B, L, H, H))  # y = R x: y_i = c_i x_i - s_i x_{i+H/2}, y_{i+H/2} = c_{i+H/2} x_{i+H/2} + s_{i+H/2} x_i
+    for i in range(H):
+        R[:, :, i, i] = cos[:, :, i]
+    for i in range(H // 2):
+        R[:, :, i, i + H // 2], R[:, :, i + H // 2, i] = -sin[:, :, i], sin[:, :, i + H // 2]
+    with jax.enable_x64():
+        y, vjp = jax.vjp(lambda x: apply_rope(x, jnp.asarray(cos), jnp.asarray(sin)), jnp.asarray(x))
+        np.testing.assert_allclose(np.asarray(y), np.einsum("blij,blnj->blni", R, x), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), np.einsum("blij,blni->blnj", R, g),
+                                   rtol=1e-12, atol=1e-12)
+
+
 def test_attention_switch_gives_the_same_model():
     """config.model.attention: 'xla' (jax.nn.dot_product_attention) and 'blocked' give one model,
     loss and gradients; 'auto' is the blocked path on CPU and cuDNN only on GPU in 16 bits."""

@@ -110,11 +110,34 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     raise ValueError(f"unsupported rope_type {kind!r} (supported: default, linear, llama3)")
 
 
-def apply_rope(x_BLNH, cos_BLH, sin_BLH):
+def _rotate(x_BLNH, cos_BLH, sin_BLH):
     half = x_BLNH.shape[-1] // 2
     rotated = jnp.concatenate([-x_BLNH[..., half:], x_BLNH[..., :half]], axis=-1)
     cos, sin = cos_BLH[:, :, None].astype(x_BLNH.dtype), sin_BLH[:, :, None].astype(x_BLNH.dtype)
     return x_BLNH * cos + rotated * sin
+
+
+@jax.custom_vjp
+def apply_rope(x_BLNH, cos_BLH, sin_BLH):
+    """Rotary embedding (HF's rotate-half form). A hand-written VJP applies its transpose directly,
+    where autodiff of the halves' slices and concatenation would pad and add them (small NTP
+    step: 0.986x the time). cos / sin (from positions) get no gradient."""
+    return _rotate(x_BLNH, cos_BLH, sin_BLH)
+
+
+def _rope_fwd(x_BLNH, cos_BLH, sin_BLH):
+    return _rotate(x_BLNH, cos_BLH, sin_BLH), (cos_BLH, sin_BLH)
+
+
+def _rope_bwd(res, dy_BLNH):
+    cos_BLH, sin_BLH = res
+    half = dy_BLNH.shape[-1] // 2
+    cos, sin = cos_BLH[:, :, None].astype(dy_BLNH.dtype), sin_BLH[:, :, None].astype(dy_BLNH.dtype)
+    s_BLNH = dy_BLNH * sin  # the transpose of rotate-half: (a, b) -> (b, -a)
+    return dy_BLNH * cos + jnp.concatenate([s_BLNH[..., half:], -s_BLNH[..., :half]], axis=-1), None, None
+
+
+apply_rope.defvjp(_rope_fwd, _rope_bwd)
 
 
 # ----------------------------------------------------------------------------------------
