@@ -19,9 +19,9 @@ def run_tool(name, *args, devices=1):
 def test_bench_reports_every_step_kind_and_ratio(tmp_path):
     path = tmp_path / "bench.json"
     run_tool("bench", "--shape", "tiny", "--steps", "1", "--rounds", "1", "--json", str(path),
-               "--kinds", "ntp,sftmix,replay,head,head_fused")
+               "--kinds", "ntp,sftmix,replay,head,head_fused,attention")
     res = json.loads(path.read_text())
-    for kind in ("ntp", "sftmix", "replay", "head", "head_fused"):
+    for kind in ("ntp", "sftmix", "replay", "head", "head_fused", "attention"):
         assert res[kind]["step_ms"] > 0 and 0 < res[kind]["mfu"] < 1.5, res[kind]
     assert res["peak_tflops"] > 0  # measured on CPU
     assert res["ratios"]["sftmix/ntp step time"] > 0 and res["ratios"]["head+loss time fused/differentiated"] > 0

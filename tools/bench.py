@@ -36,7 +36,7 @@ from flax import nnx
 from sftmix_jax import hf, losses
 from sftmix_jax.ops import cpu
 from sftmix_jax.ops.fused_head import LinearHead
-from sftmix_jax.ops.attention import ATTENTION, attention_impl
+from sftmix_jax.ops.attention import ATTENTION, attention_impl, causal
 from sftmix_jax.model.llama import REMAT, ModelConfig, init_model
 from sftmix_jax import scoring, trainer
 
@@ -239,6 +239,25 @@ def head_loss_step(head: LinearHead, batch, fused: bool, chunk):
     return lambda: jax.block_until_ready(grad(h_BLD, head.w))
 
 
+def attention_steps(cfg: ModelConfig, B: int, L: int, torch_too: bool):
+    """One layer's causal attention, forward and backward (dq, dk, dv), on random inputs: ours
+    (`attention.causal`, the train step's compiler options) and, with torch_too, PyTorch's
+    scaled_dot_product_attention (what transformers' "sdpa" attention calls)."""
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q, k, v, do = (np.random.default_rng(i).normal(size=(B, L, n, H)).astype(np.float32) for i, n in enumerate((N, K, K, N)))
+    loss = lambda q, k, v: jnp.sum(causal(q, k, v, H**-0.5, cfg.attention, cfg.dtype) * do)  # noqa: E731
+    grad = jax.jit(jax.grad(loss, (0, 1, 2)), compiler_options=cpu.compiler_options("train"))
+    steps = {"attention": lambda: jax.block_until_ready(grad(q, k, v))}
+    if torch_too:
+        import torch
+
+        tq, tk, tv, tdo = (torch.from_numpy(x.transpose(0, 2, 1, 3).copy()) for x in (q, k, v, do))
+        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+            *(x.requires_grad_() for x in (tq, tk, tv)), is_causal=True, enable_gqa=N != K)
+        steps["torch_attention"] = lambda: sdpa().backward(tdo)
+    return steps
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -255,18 +274,20 @@ def main():
     p.add_argument("--no-prompts", action="store_true",
                    help="every real token is a response token (our head then skips only the padding)")
     p.add_argument("--kinds", default="ntp,sftmix,replay",
-                   help="which of our steps to time; also head, head_fused: head + NTP loss alone, differentiated / fused")
+                   help="which of our steps to time; also head, head_fused: head + NTP loss alone, differentiated / fused; "
+                        "attention: one layer's attention forward + backward (with --torch, PyTorch's SDPA too)")
     p.add_argument("--json", default="", help="also write the results here")
-    p.add_argument("--torch", action="store_true", help="also time PyTorch + transformers on the same shape")
+    p.add_argument("--torch", action="store_true", help="also time PyTorch (+ transformers) on the same shape: its ntp, sftmix, attention")
     p.add_argument("--memory", action="store_true", help="peak memory of each step kind, in subprocesses")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (0: measured / known)")
     p.add_argument("--only", default="", help=argparse.SUPPRESS)  # one step kind: the memory subprocess
     args = p.parse_args()
     cpu.prefer_accurate_matmuls()  # before JAX starts its backend: as sftmix_jax.main computes
     B, L = args.batch or DEFAULT_BATCH[args.shape][0], args.seq or DEFAULT_BATCH[args.shape][1]
-    kinds = args.kinds.split(",") + (["torch_ntp", "torch_sftmix"] if args.torch else [])
-    if unknown := set(kinds) - {"ntp", "sftmix", "replay", "head", "head_fused", "torch_ntp", "torch_sftmix"}:
-        raise SystemExit(f"--kinds: unknown {sorted(unknown)} (use ntp, sftmix, replay, head, head_fused)")
+    kinds = args.kinds.split(",")
+    if unknown := set(kinds) - {"ntp", "sftmix", "replay", "head", "head_fused", "attention"}:
+        raise SystemExit(f"--kinds: unknown {sorted(unknown)} (use ntp, sftmix, replay, head, head_fused, attention)")
+    kinds += [f"torch_{k}" for k in kinds if args.torch and k in ("ntp", "sftmix", "attention")]
     kinds = [args.only] if args.only else kinds
     runtime = dict(dtype=args.dtype, remat=args.remat, attention=args.attention, scan_layers=args.scan_layers)
     cfg = (hf.model_config(ml_collections.ConfigDict(dict(source=args.model, param_dtype="float32", **runtime)))
@@ -301,9 +322,11 @@ def main():
                 steps[k] = lambda: jax.block_until_ready(replay_fn(params, eval_batch))
             elif k in ("head", "head_fused"):
                 steps[k] = head_loss_step(model.linear_head(), batch, k == "head_fused", chunk)
+            elif k == "attention":
+                steps.update(attention_steps(cfg, B, L, "torch_attention" in kinds))
         if "replay" not in kinds:  # hold one copy of the weights per train step kind, as torch does
             del model, params
-    if any(k.startswith("torch") for k in kinds):
+    if any(k in ("torch_ntp", "torch_sftmix") for k in kinds):
         gpu = jax.default_backend() == "gpu"
         steps.update({k: v for k, v in torch_steps(cfg, np_batch, device="cuda" if gpu else "cpu",
                                                    bf16=args.dtype == "bfloat16").items() if k in kinds})
@@ -329,14 +352,16 @@ def main():
     for k in kinds:
         sec = float(np.median(times[k]))
         train_flops = {"replay": fpt * padded / 3,  # forward only: 1/3
-                       "head": 6 * cfg.hidden_size * cfg.vocab_size * padded}.get(k.removesuffix("_fused"), fpt * padded)
+                       "head": 6 * cfg.hidden_size * cfg.vocab_size * padded,
+                       "attention": 6 * L * cfg.num_heads * cfg.head_dim * padded}.get(
+                           k.removesuffix("_fused").removeprefix("torch_"), fpt * padded)
         res[k] = {"step_ms": 1000 * sec, "tokens_per_s": tokens / sec,
                   "mfu": train_flops / sec / (peak * 1e12), "spread_ms": 1000 * float(np.ptp(times[k]))}
     if args.memory:
         import subprocess
         import sys
 
-        for k in kinds:
+        for k in [k for k in kinds if "attention" not in k]:  # attention alone: time only
             cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--only", k]
             cmd = [c for c in cmd if c not in ("--memory", "--torch")]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
@@ -355,6 +380,7 @@ def main():
     pairs = {"sftmix/ntp step time": ("sftmix", "ntp", "step_ms"),
              "ntp tokens/s ours/torch": ("ntp", "torch_ntp", "tokens_per_s"),
              "head+loss time fused/differentiated": ("head_fused", "head", "step_ms"),
+             "attention time ours/torch": ("attention", "torch_attention", "step_ms"),
              "sftmix tokens/s ours/torch": ("sftmix", "torch_sftmix", "tokens_per_s"),
              "sftmix/ntp peak memory": ("sftmix", "ntp", "peak_mb"),
              "sftmix/ntp XLA memory": ("sftmix", "ntp", "xla_mb"),

@@ -1,7 +1,7 @@
 """Confidence replay cost against training, on real data: one replay pass over the training set (the
 replay makes one per reference checkpoint), packed and one example per row, / one NTP epoch.
 
-    MALLOC_ARENA_MAX=1 python tools/replay_cost.py --config configs/smollm2_meadow.py:data=../shared/data/medical_meadow_small.json
+    python tools/replay_cost.py --config configs/smollm2_meadow.py:data=../shared/data/medical_meadow_small.json
     (--config.KEY=VALUE overrides as for sftmix_jax.main; --rows N, --train_steps N)
 
 The epoch: the NTP train step's median time at each batch length among epoch 0's batches (a few steps
@@ -10,7 +10,8 @@ training set (or its first --rows examples, scaled up by the token ratio), timed
 pass that compiles every shape. Also one layer's attention alone at the packed shape: a dense
 segment mask (the XLA path), the blocked kernel under the segment mask (packed rows on CPU) and the
 blocked causal kernel (one example per row), each compiled as the replay's forward pass. One process,
-CPU. Not a test.
+CPU, keeping freed memory as `sftmix_jax.main` does (`cpu.keep_freed_memory`; any MALLOC_ variable
+opts out). Not a test.
 """
 import collections
 import dataclasses
@@ -95,6 +96,7 @@ def attention_ms(cfg, batch: dict, reps: int = 5) -> dict:
 def main(argv):
     del argv
     cpu.prefer_accurate_matmuls()  # before JAX starts its backend, as sftmix_jax.main
+    cpu.keep_freed_memory()  # as sftmix_jax.main: no page faults for each step's scratch
     c, rows, train_steps = _CONFIG.value, _ROWS.value, _TRAIN_STEPS.value
     tokenizer = hf.load_tokenizer(c.model.source)
     train_ex = sources.load_examples(c.data, tokenizer, c.seed)[0]
@@ -104,6 +106,10 @@ def main(argv):
     scale = tokens(train_ex) / tokens(subset)  # a subset's pass, scaled up to the whole set
     print(f"{len(train_ex)} training examples ({tokens(train_ex)} tokens); replay over {len(subset)} of them "
           f"(x{scale:.3f} by tokens), confidence.batch_size={c.confidence.batch_size}, buckets={tuple(c.data.buckets)}")
+    first = next(iter(PackedBatches(subset, c.confidence.batch_size, c.data.buckets)))
+    ms = attention_ms(model.cfg, first)
+    print(f"one layer's attention at {first['input_ids'].shape}, ms (x{model.cfg.num_layers} layers per batch): "
+          + ", ".join(f"{k} {v:.1f} ({model.cfg.num_layers * v / 1000:.2f} s)" for k, v in ms.items()))
     passes = {}
     for pack in (False, True):
         sec, padded, n = replay_seconds(model, subset, c.confidence.batch_size, c.data.buckets, pack)
@@ -119,10 +125,6 @@ def main(argv):
         print(f"{'packed  ' if pack else 'unpacked'}: replay / epoch = {passes[pack] / epoch:.3f} per pass, "
               f"{C * passes[pack] / epoch:.3f} for the {C} checkpoints (target <= 0.2)")
     print(f"packed / unpacked replay time: {passes[True] / passes[False]:.3f}")
-    first = next(iter(PackedBatches(subset, c.confidence.batch_size, c.data.buckets)))
-    ms = attention_ms(model.cfg, first)
-    print(f"one layer's attention at {first['input_ids'].shape}, ms (x{model.cfg.num_layers} layers per batch): "
-          + ", ".join(f"{k} {v:.1f} ({model.cfg.num_layers * v / 1000:.2f} s)" for k, v in ms.items()))
 
 
 if __name__ == "__main__":
