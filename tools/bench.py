@@ -252,8 +252,8 @@ def attention_steps(cfg: ModelConfig, B: int, L: int, torch_too: bool):
         import torch
 
         tq, tk, tv, tdo = (torch.from_numpy(x.transpose(0, 2, 1, 3).copy()) for x in (q, k, v, do))
-        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-            *(x.requires_grad_() for x in (tq, tk, tv)), is_causal=True, enable_gqa=N != K)
+        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731  fresh leaves: no .grad to add to
+            *(x.detach().requires_grad_() for x in (tq, tk, tv)), is_causal=True, enable_gqa=N != K)
         steps["torch_attention"] = lambda: sdpa().backward(tdo)
     return steps
 

@@ -70,7 +70,7 @@ def ce_sum(logits_XV, targets, weights):
 
 def _ce_fwd(logits_XV, targets, weights):
     logits = logits_XV.astype(jnp.promote_types(logits_XV.dtype, jnp.float32))
-    max_X = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+    max_X = jnp.max(logits, axis=-1)
     max_X = jnp.where(jnp.isfinite(max_X), max_X, 0.0)  # as jax.nn.logsumexp: rows of -inf stay -inf
     exp_XV = jnp.exp(logits - max_X[..., None])
     sum_X = jnp.sum(exp_XV, axis=-1)
