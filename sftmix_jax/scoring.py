@@ -16,32 +16,54 @@ from sftmix_jax.data.batching import PackedBatches, eval_batches
 from sftmix_jax.ops import cpu
 
 
-def nll_forward(graphdef, state, batch, segments: int = 1):
-    """Forward only: per-row summed response NLL and token count, replicated to every host.
+def hidden_forward(graphdef, state, batch):
+    """The body, forward only: final hidden states h_BLD (packed rows: with their segments)."""
+    return nnx.merge(graphdef, state).hidden(batch["input_ids"], positions_BL=batch.get("positions"),
+                                             segment_ids_BL=batch.get("segment_ids"))
 
-    A packed batch (`segment_ids`, `positions`: data/batching.py PackedBatches) gives them per
-    (row, example) [B, segments] instead.
+
+def head_nll(graphdef, state, h_BLD, batch, segments: int = 1):
+    """The head on h_BLD: per-row summed response NLL and token count, replicated to every host.
+
+    A packed batch (`segment_ids`: data/batching.py PackedBatches) gives them per (row, example)
+    [B, segments] instead.
     """
-    model = nnx.merge(graphdef, state)
+    head = nnx.merge(graphdef, state).linear_head()
     if "segment_ids" not in batch:  # the head runs fused, on response tokens only
-        nll_B = losses.response_nll(model.hidden(batch["input_ids"]), model.linear_head(), batch["targets"], batch["weights"])
+        nll_B = losses.response_nll(h_BLD, head, batch["targets"], batch["weights"])
         return sharding.constrain(nll_B, (None,)), sharding.constrain(jnp.sum(batch["weights"], -1), (None,))
     seg_BL = batch["segment_ids"]
-    h_BLD = model.hidden(batch["input_ids"], positions_BL=batch["positions"], segment_ids_BL=seg_BL)
-    nll_BZ = losses.response_nll(h_BLD, model.linear_head(), batch["targets"], batch["weights"],
-                                 segment_ids_BL=seg_BL, segments=segments)
+    nll_BZ = losses.response_nll(h_BLD, head, batch["targets"], batch["weights"], segment_ids_BL=seg_BL,
+                                 segments=segments)
     in_BLZ = seg_BL[..., None] == jnp.arange(1, segments + 1)
     count_BZ = jnp.sum(jnp.where(in_BLZ, batch["weights"][..., None], 0.0), axis=1)
     return sharding.constrain(nll_BZ, (None, None)), sharding.constrain(count_BZ, (None, None))
 
 
+def nll_forward(graphdef, state, batch, segments: int = 1):
+    """`head_nll` of `hidden_forward`, as one function (`score_batch` may jit the two apart)."""
+    return head_nll(graphdef, state, hidden_forward(graphdef, state, batch), batch, segments)
+
+
 @functools.cache
-def _jitted_nll_forward():  # built on first use: the compile options depend on the backend
-    return jax.jit(nll_forward, static_argnames=("graphdef", "segments"), compiler_options=cpu.compiler_options("forward"))
+def _jitted(body_kind: str) -> tuple:  # built on first use: the compile options depend on the backend
+    """(nll_forward,) jitted, or, for a body compiled otherwise than the head ("forward"), the body and
+    the head jitted apart, so that XLA:CPU runs each one's matmuls in the library faster for it
+    (ops/cpu.py `forward_body_kind`). One jit where it can: a second dispatch costs a small model."""
+    head = cpu.compiler_options("forward")
+    if body_kind == "forward":
+        return (jax.jit(nll_forward, static_argnames=("graphdef", "segments"), compiler_options=head),)
+    return (jax.jit(hidden_forward, static_argnames="graphdef", compiler_options=cpu.compiler_options(body_kind)),
+            jax.jit(head_nll, static_argnames=("graphdef", "segments"), compiler_options=head))
 
 
-def _example_nll(graphdef, state, batch, segments=1):
-    return _jitted_nll_forward()(graphdef, state, batch, segments)
+def score_batch(graphdef, state, batch, hidden_size: int, segments: int = 1):
+    """`nll_forward` as scoring runs it, for a model of this hidden size (`_jitted`)."""
+    fns = _jitted(cpu.forward_body_kind(hidden_size))
+    if len(fns) == 1:
+        return fns[0](graphdef, state, batch, segments)
+    body, head = fns
+    return head(graphdef, state, body(graphdef, state, batch), batch, segments)
 
 
 def example_nll(model, examples, batch_size, buckets, pad_id=0, mesh=None, desc=None, pack=True):
@@ -51,6 +73,7 @@ def example_nll(model, examples, batch_size, buckets, pad_id=0, mesh=None, desc=
     batches sorted by length (few pad tokens). On a mesh, rows are split over its batch axes.
     """
     graphdef, state = nnx.split(model)
+    width = model.cfg.hidden_size
     nll, count = np.zeros(len(examples)), np.zeros(len(examples))
     keys = ("input_ids", "targets", "weights")
     if pack:
@@ -64,9 +87,9 @@ def example_nll(model, examples, batch_size, buckets, pad_id=0, mesh=None, desc=
         batch = {k: batch[k] for k in keys}
         if mesh is not None:
             with jax.set_mesh(mesh):
-                s, c = _example_nll(graphdef, state, sharding.global_batch(sharding.host_rows(batch), mesh), segments)
+                s, c = score_batch(graphdef, state, sharding.global_batch(sharding.host_rows(batch), mesh), width, segments)
         else:
-            s, c = _example_nll(graphdef, state, batch, segments)
+            s, c = score_batch(graphdef, state, batch, width, segments)
         found = index >= 0
         nll[index[found]], count[index[found]] = np.asarray(s)[found], np.asarray(c)[found]
     return nll, count

@@ -35,6 +35,15 @@ def test_hot_steps_compile_with_ynnpack():
         assert relative_error(jax.jit(lambda a, b: a @ b, compiler_options=opts)) < 3e-6  # YNNPACK's rounding
 
 
+def test_scoring_body_compiles_with_eigen():
+    # "forward_body": Eigen's matmuls (and its rounding), whatever XLA_FLAGS' default is
+    opts = cpu.compiler_options("forward_body")
+    assert opts == cpu.OPTIONS["forward_body"]
+    f = jax.jit(lambda a, b: jnp.tanh(a @ b), compiler_options=opts)
+    assert "ynn" not in f.lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile().as_text()
+    assert relative_error(jax.jit(lambda a, b: a @ b, compiler_options=opts)) < 6e-7
+
+
 def test_child_processes_treat_the_packages_flag_as_not_the_users():
     # A launcher's or compare's run inherits XLA_FLAGS with the package's flag in it: still not a user choice.
     import subprocess
@@ -79,7 +88,7 @@ def test_hot_step_options_keep_nan_in_softmax_and_logsumexp():
     # xla_cpu_enable_fast_min_max may drop a NaN from a max; the exp and the sum still carry it,
     # so a NaN logit still makes a NaN loss (the trainer's non-finite check).
     x = jnp.array([[1.0, jnp.nan, 3.0], [1.0, 2.0, 3.0]])
-    for kind in ("train", "forward"):
+    for kind in ("train", "forward", "forward_body"):
         f = jax.jit(lambda x: (jax.nn.logsumexp(x, -1), jax.nn.softmax(x, -1)), compiler_options=cpu.compiler_options(kind))
         lse, probs = f(x)
         assert np.isnan(lse[0]) and np.isnan(probs[0]).all()

@@ -13,6 +13,7 @@ from sftmix_jax import checkpoints, hf, losses, scoring
 from sftmix_jax.data import sources, synthetic
 from sftmix_jax.data.batching import eval_batches
 from sftmix_jax.model.llama import abstract_model
+from sftmix_jax.ops import cpu
 from sftmix_jax.stages import confidence
 
 
@@ -83,6 +84,27 @@ def test_scoring_forward_runs_the_head_in_float32_at_highest_precision(bf16_mode
     for eqn in dots:
         assert [v.aval.dtype for v in eqn.invars] == [jnp.float32] * 2, eqn
         assert eqn.params["precision"] in ((jax.lax.Precision.HIGHEST,) * 2, jax.lax.Precision.HIGHEST), eqn
+
+
+def test_scoring_jits_its_body_and_head_apart_each_in_its_cpu_library(workdir):
+    """score_batch: a wide model's body compiled with Eigen's matmuls, a narrow one's and every head
+    with YNNPACK's (ops/cpu.py), and either way the scores of nll_forward in one jit (float32)."""
+    c, train_ex, steps, ckpt_dir = _setup(workdir, "float32")
+    graphdef, abstract = nnx.split(abstract_model(hf.model_config(c.model)))
+    model = nnx.merge(graphdef, checkpoints.restore_params(ckpt_dir, steps[-1], abstract))
+    graphdef, state = nnx.split(model)
+    batch = {k: jnp.asarray(v) for k, v in next(eval_batches(train_ex[:8], 8, c.data.buckets)).items()
+             if k in ("input_ids", "targets", "weights")}
+    assert [cpu.forward_body_kind(d) for d in (96, 256, 576, 2048)] == ["forward"] * 2 + ["forward_body"] * 2
+    want = jax.jit(scoring.nll_forward, static_argnums=0)(graphdef, state, batch)
+    (one,) = scoring._jitted(cpu.forward_body_kind(model.cfg.hidden_size))  # narrow: one jit, YNNPACK
+    assert "ynn" in one.lower(graphdef, state, batch).compile().as_text()
+    body, head = scoring._jitted(cpu.forward_body_kind(cpu.EIGEN_BODY_FROM))
+    assert "ynn" not in body.lower(graphdef, state, batch).compile().as_text()
+    assert "ynn" in head.lower(graphdef, state, body(graphdef, state, batch), batch).compile().as_text()
+    for width in (model.cfg.hidden_size, cpu.EIGEN_BODY_FROM):
+        for got, ref in zip(scoring.score_batch(graphdef, state, batch, width), want):
+            np.testing.assert_allclose(got, ref, rtol=1e-5)
 
 
 def test_bf16_replay_gives_the_float32_split(workdir, tmp_path):

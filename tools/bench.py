@@ -305,8 +305,6 @@ def main():
             "ntp": trainer.make_train_step(graphdef, tx, losses.ntp_loss_fn(chunk)),
             "sftmix": trainer.make_train_step(graphdef, tx, losses.sftmix_loss_fn(0.2, 0.5, False, True, chunk)),
         }
-        replay_fn = jax.jit(lambda state, b: scoring.nll_forward(graphdef, state, b),
-                            compiler_options=cpu.compiler_options("forward"))
         for k in kinds:
             if k in jax_fns:  # its own copy: the step donates (consumes) its state
                 state = [jax.tree.map(jnp.array, params), tx.init(params)]
@@ -319,7 +317,7 @@ def main():
                     xla_mb[k] = compiled_mb(jax_fns[k].jitted.lower(*state, batch, jax.random.key(0), nnx.State({})))
             elif k == "replay":
                 eval_batch = {k2: batch[k2] for k2 in ("input_ids", "targets", "weights")}
-                steps[k] = lambda: jax.block_until_ready(replay_fn(params, eval_batch))
+                steps[k] = lambda: jax.block_until_ready(scoring.score_batch(graphdef, params, eval_batch, cfg.hidden_size))
             elif k in ("head", "head_fused"):
                 steps[k] = head_loss_step(model.linear_head(), batch, k == "head_fused", chunk)
             elif k == "attention":

@@ -2,14 +2,15 @@
 replay makes one per reference checkpoint), packed and one example per row, / one NTP epoch.
 
     python tools/replay_cost.py --config configs/smollm2_meadow.py:data=../shared/data/medical_meadow_small.json
-    (--config.KEY=VALUE overrides as for sftmix_jax.main; --rows N, --train_steps N)
+    (--config.KEY=VALUE overrides as for sftmix_jax.main; --rows N, --train_steps N, --rounds N)
 
 The epoch: the NTP train step's median time at each batch length among epoch 0's batches (a few steps
 each, after warm-up), summed over the epoch's batches. A replay pass: `scoring.example_nll` over the
 training set (or its first --rows examples, scaled up by the token ratio), timed after an untimed
-pass that compiles every shape. Also one layer's attention alone at the packed shape: a dense
+pass that compiles every shape. Rounds alternate a replay pass (each way) with the timed steps; the
+ratios come from the medians over rounds. Also one layer's attention alone at the packed shape: a dense
 segment mask (the XLA path), the blocked kernel under the segment mask (packed rows on CPU) and the
-blocked causal kernel (one example per row), each compiled as the replay's forward pass. One process,
+blocked causal kernel (one example per row), each compiled as the replay's body. One process,
 CPU, keeping freed memory as `sftmix_jax.main` does (`cpu.keep_freed_memory`; any MALLOC_ variable
 opts out). Not a test.
 """
@@ -32,7 +33,8 @@ from sftmix_jax.ops import attention, cpu
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_meadow.py", "Experiment config (configs/NAME.py[:ARG]).")
 _ROWS = flags.DEFINE_integer("rows", 0, "Replay the first N training examples only (0: all), scaled up by tokens.")
-_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 2, "Timed train steps per batch length.")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 2, "Timed train steps per batch length, per round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "Rounds, each timing a replay pass (unpacked, packed) and the train steps.")
 
 def median_seconds(fn, n: int) -> float:
     times = []
@@ -43,8 +45,9 @@ def median_seconds(fn, n: int) -> float:
     return float(np.median(times))
 
 
-def epoch_seconds(model, examples, c, steps: int):
-    """(seconds of one NTP epoch, {length: step seconds}, {length: batches})."""
+def epoch_timer(model, examples, c):
+    """(steps(n) -> {length: median seconds of n NTP steps}, {length: batches}) over epoch 0's batch
+    lengths, the step compiled and warmed up at each."""
     batches = TrainBatches(examples, c.train.batch_size, c.seed, c.data.buckets)
     lengths_I = [batches.batch(i)["input_ids"].shape[1] for i in range(batches.steps_per_epoch)]
     graphdef, params = nnx.split(model)
@@ -52,7 +55,7 @@ def epoch_seconds(model, examples, c, steps: int):
     step = trainer.make_train_step(graphdef, tx, losses.ntp_loss_fn())
     state = [jax.tree.map(jnp.array, params), None]  # a copy: the step donates its state
     state[1] = tx.init(state[0])
-    per_length = {}
+    runs = {}
     for L in sorted(set(lengths_I)):
         batch = {k: jnp.asarray(v) for k, v in batches.batch(lengths_I.index(L)).items() if k != "index"}
 
@@ -60,18 +63,20 @@ def epoch_seconds(model, examples, c, steps: int):
             state[0], state[1], metrics = step(state[0], state[1], batch, jax.random.key(0))
             jax.block_until_ready(metrics)
         run()  # compile + warm up
-        per_length[L] = median_seconds(run, steps)
-    counts = collections.Counter(lengths_I)
-    return sum(per_length[L] * n for L, n in counts.items()), per_length, dict(counts)
+        runs[L] = run
+    return (lambda n: {L: median_seconds(run, n) for L, run in runs.items()}), dict(collections.Counter(lengths_I))
 
 
-def replay_seconds(model, examples, batch_size, buckets, pack: bool):
-    """(seconds of one pass, padded tokens, batches), after an untimed pass compiled every shape."""
+def replay_timer(model, examples, batch_size, buckets, pack: bool):
+    """(pass() -> seconds of one pass, padded tokens, batches), after an untimed pass compiled every shape."""
     batches = list(PackedBatches(examples, batch_size, buckets) if pack else eval_batches(examples, batch_size, buckets))
     scoring.example_nll(model, examples, batch_size, buckets, pack=pack)  # compile + warm up
-    start = time.perf_counter()
-    scoring.example_nll(model, examples, batch_size, buckets, pack=pack)
-    return time.perf_counter() - start, sum(b["input_ids"].size for b in batches), len(batches)
+
+    def one_pass():
+        start = time.perf_counter()
+        scoring.example_nll(model, examples, batch_size, buckets, pack=pack)
+        return time.perf_counter() - start
+    return one_pass, sum(b["input_ids"].size for b in batches), len(batches)
 
 
 def attention_ms(cfg, batch: dict, reps: int = 5) -> dict:
@@ -87,7 +92,7 @@ def attention_ms(cfg, batch: dict, reps: int = 5) -> dict:
            "blocked causal": lambda q, k, v, m, ids: attention.causal_attention(q, k, v, scale)}
     out, args = {}, (q, k, v, dense_BLS, ids_BL)  # arguments, not constants: XLA would fold them
     for name, fn in fns.items():
-        fn = jax.jit(fn, compiler_options=cpu.compiler_options("forward"))  # as the replay compiles it
+        fn = jax.jit(fn, compiler_options=cpu.compiler_options(cpu.forward_body_kind(cfg.hidden_size)))  # as the replay
         jax.block_until_ready(fn(*args))
         out[name] = 1000 * median_seconds(lambda fn=fn: jax.block_until_ready(fn(*args)), reps)
     return out
@@ -110,21 +115,29 @@ def main(argv):
     ms = attention_ms(model.cfg, first)
     print(f"one layer's attention at {first['input_ids'].shape}, ms (x{model.cfg.num_layers} layers per batch): "
           + ", ".join(f"{k} {v:.1f} ({model.cfg.num_layers * v / 1000:.2f} s)" for k, v in ms.items()))
-    passes = {}
+    passes, names = {}, {False: "unpacked", True: "packed  "}
     for pack in (False, True):
-        sec, padded, n = replay_seconds(model, subset, c.confidence.batch_size, c.data.buckets, pack)
-        passes[pack] = sec * scale
-        print(f"replay {'packed  ' if pack else 'unpacked'}: {n} batches, {padded} padded tokens, {sec:.1f} s "
-              f"-> {passes[pack]:.1f} s per pass over the training set")
-    epoch, per_length, counts = epoch_seconds(model, train_ex, c, train_steps)
-    print(f"NTP epoch: {sum(counts.values())} batches of {c.train.batch_size} {counts}, step medians "
-          f"{ {L: round(s, 2) for L, s in per_length.items()} } s over {train_steps} timed steps each "
-          f"-> {epoch:.1f} s per epoch (extrapolated)")
+        passes[pack], padded, n = replay_timer(model, subset, c.confidence.batch_size, c.data.buckets, pack)
+        print(f"replay {names[pack]}: {n} batches, {padded} padded tokens")
+    steps, counts = epoch_timer(model, train_ex, c)
+    print(f"NTP epoch: {sum(counts.values())} batches of {c.train.batch_size} {counts}, extrapolated from the "
+          f"step's median over {train_steps} timed steps per batch length")
+    rounds = []  # alternating, so that the machine's drift between rounds moves both sides
+    for r in range(_ROUNDS.value):
+        sec = {pack: passes[pack]() * scale for pack in (False, True)}
+        per_length = steps(train_steps)
+        epoch = sum(per_length[L] * n for L, n in counts.items())
+        rounds.append((sec[False], sec[True], epoch))
+        print(f"round {r + 1}: replay pass unpacked {sec[False]:.1f} s, packed {sec[True]:.1f} s; epoch {epoch:.1f} s "
+              f"(step medians { {L: round(t, 2) for L, t in per_length.items()} } s) -> replay / epoch "
+              f"unpacked {sec[False] / epoch:.3f}, packed {sec[True] / epoch:.3f}")
+    unpacked, packed, epoch = np.median(np.array(rounds), axis=0)
     C = c.reference.checkpoints
-    for pack in (False, True):
-        print(f"{'packed  ' if pack else 'unpacked'}: replay / epoch = {passes[pack] / epoch:.3f} per pass, "
-              f"{C * passes[pack] / epoch:.3f} for the {C} checkpoints (target <= 0.2)")
-    print(f"packed / unpacked replay time: {passes[True] / passes[False]:.3f}")
+    print(f"medians over {len(rounds)} rounds: replay pass unpacked {unpacked:.1f} s, packed {packed:.1f} s, epoch {epoch:.1f} s")
+    for pack, sec in ((False, unpacked), (True, packed)):
+        print(f"{names[pack]}: replay / epoch = {sec / epoch:.3f} per pass, {C * sec / epoch:.3f} for the {C} "
+              f"checkpoints (target <= 0.2)")
+    print(f"packed / unpacked replay time: {packed / unpacked:.3f}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,13 @@ does not matter and speed does:
   machine, but on this AMD EPYC 2-core one it was no faster (small bench shape, one process,
   alternating: NTP 728 vs 722 ms, SFTMix 760 vs 792 ms; SmolLM2 shape NTP 6.43 vs 6.72 s) and
   costs scratch memory (small: NTP 515 vs 395 MiB, SFTMix 579 vs 458 MiB).
-- "forward" (confidence replay, held-out loss): matmuls and elementwise ops both in YNNPACK,
-  ~18% faster (small shape replay 175 vs 214 ms); a forward pass keeps little memory anyway.
+- "forward" (the scoring head: confidence replay, held-out loss): matmuls and elementwise ops
+  both in YNNPACK; a forward pass keeps little memory anyway. SmolLM2's head (V 49152) took
+  0.69x Eigen's time.
+- "forward_body" (the scoring body of a model `forward_body_kind` calls wide, jitted apart from
+  its head): XLA's own elementwise code and Eigen's matmuls. On a 2-core Intel Xeon they ran
+  SmolLM2-135M's (d 576) scoring 0.89x the time of YNNPACK's, but the bench's d 96 and d 256
+  shapes' 1.08-1.11x (README, CPU figures): narrower bodies stay with "forward".
 - Both: `xla_cpu_enable_fast_min_max`. XLA:CPU's NaN-propagating max does not vectorise: a row
   max over [256, 8192] took 1.47 ms against 0.49 ms with the flag and 0.39 ms for a row sum
   (2-core Intel Xeon). Softmax and log-sum-exp take such maxima, and a NaN still reaches their
@@ -36,6 +41,7 @@ YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 OPTIONS = {  # per kind of jitted step (see the module docstring)
     "train": {YNN_FLAG: "LIBRARY_FUSION_TYPE_DOT", "xla_cpu_enable_fast_min_max": True},
     "forward": {YNN_FLAG: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE", "xla_cpu_enable_fast_min_max": True},
+    "forward_body": {YNN_FLAG: "", "xla_cpu_enable_fast_min_max": True},
 }
 # jaxlib versions known to have the flag: XLA aborts on an unknown flag in XLA_FLAGS
 KNOWN_JAXLIB = ((0, 10), (0, 11))
@@ -79,7 +85,7 @@ def prefer_accurate_matmuls() -> bool:
 
 @functools.cache
 def compiler_options(kind: str) -> dict | None:
-    """`compiler_options` for a hot jitted step ("train" or "forward"): OPTIONS[kind] on CPU, else None.
+    """`compiler_options` for a hot jitted step (an OPTIONS kind): OPTIONS[kind] on CPU, else None.
 
     Call after backend setup.
     """
@@ -91,6 +97,14 @@ def compiler_options(kind: str) -> dict | None:
     except Exception:  # noqa: BLE001 - any rejection means: compile with XLA's defaults
         return None
     return options
+
+
+EIGEN_BODY_FROM = 512  # hidden size: measured at 96, 256 (YNNPACK faster) and 576 (Eigen faster) only
+
+
+def forward_body_kind(hidden_size: int) -> str:
+    """The OPTIONS kind for a scoring body of this width: "forward_body" from EIGEN_BODY_FROM up."""
+    return "forward_body" if hidden_size >= EIGEN_BODY_FROM else "forward"
 
 
 def keep_freed_memory() -> bool:
