@@ -33,11 +33,16 @@ def _numpy_row_nll(h_BLD, w_VD, targets_BL, weights_BL):
     return np.where(weights_BL > 0, weights_BL * nll_BL, 0.0).sum(-1)
 
 
-@pytest.fixture(scope="module")
-def bf16_model(workdir):
-    c, train_ex, steps, ckpt_dir = _setup(workdir, "bfloat16")
+def _last_reference(workdir, dtype):
+    """(the reference run's last checkpoint as a model computing in `dtype`, config, training examples)."""
+    c, train_ex, steps, ckpt_dir = _setup(workdir, dtype)
     graphdef, abstract = nnx.split(abstract_model(hf.model_config(c.model)))
     return nnx.merge(graphdef, checkpoints.restore_params(ckpt_dir, steps[-1], abstract)), c, train_ex
+
+
+@pytest.fixture(scope="module")
+def bf16_model(workdir):
+    return _last_reference(workdir, "bfloat16")
 
 
 def test_bf16_model_scores_hidden_states_exactly(bf16_model):
@@ -89,9 +94,7 @@ def test_scoring_forward_runs_the_head_in_float32_at_highest_precision(bf16_mode
 def test_scoring_jits_its_body_and_head_apart_each_in_its_cpu_library(workdir):
     """score_batch: a wide model's body compiled with Eigen's matmuls, a narrow one's and every head
     with YNNPACK's (ops/cpu.py), and either way the scores of nll_forward in one jit (float32)."""
-    c, train_ex, steps, ckpt_dir = _setup(workdir, "float32")
-    graphdef, abstract = nnx.split(abstract_model(hf.model_config(c.model)))
-    model = nnx.merge(graphdef, checkpoints.restore_params(ckpt_dir, steps[-1], abstract))
+    model, c, train_ex = _last_reference(workdir, "float32")
     graphdef, state = nnx.split(model)
     batch = {k: jnp.asarray(v) for k, v in next(eval_batches(train_ex[:8], 8, c.data.buckets)).items()
              if k in ("input_ids", "targets", "weights")}

@@ -16,7 +16,7 @@ does not matter and speed does:
   costs scratch memory (small: NTP 515 vs 395 MiB, SFTMix 579 vs 458 MiB).
 - "forward" (the scoring head: confidence replay, held-out loss): matmuls and elementwise ops
   both in YNNPACK; a forward pass keeps little memory anyway. SmolLM2's head (V 49152) took
-  0.69x Eigen's time.
+  0.69-0.75x Eigen's time.
 - "forward_body" (the scoring body of a model `forward_body_kind` calls wide, jitted apart from
   its head): XLA's own elementwise code and Eigen's matmuls. On a 2-core Intel Xeon they ran
   SmolLM2-135M's (d 576) scoring 0.89x the time of YNNPACK's, but the bench's d 96 and d 256
