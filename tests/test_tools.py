@@ -1,4 +1,5 @@
-"""The measuring tools (tools/, not in the wheel) run end to end: the benchmark and the divergence probe (tiny shapes)."""
+"""The measuring tools (tools/, not in the wheel) run end to end: the benchmark, the GEMM benchmark and the
+divergence probe (tiny shapes)."""
 import json
 import os
 import re
@@ -25,6 +26,18 @@ def test_bench_reports_every_step_kind_and_ratio(tmp_path):
         assert res[kind]["step_ms"] > 0 and 0 < res[kind]["mfu"] < 1.5, res[kind]
     assert res["peak_tflops"] > 0  # measured on CPU
     assert res["ratios"]["sftmix/ntp step time"] > 0 and res["ratios"]["head+loss time fused/differentiated"] > 0
+
+
+def test_gemm_bench_times_every_matmul_of_the_step_in_each_library(tmp_path):
+    path = tmp_path / "gemm.json"
+    out = run_tool("gemm_bench", "--shape", "tiny", "--rounds", "1", "--calls", "1", "--json", str(path))
+    res = json.loads(path.read_text())
+    assert [(c["gemm"], c["form"]) for c in res["cases"]] == [
+        (g, f) for g in ("q", "k", "v", "o", "gate", "up", "down", "head") for f in ("fwd", "dx", "dW")]
+    assert res["cases"][-1]["mkn"] == [32 * 32, 96, 264] and res["cases"][0]["count"] == 3  # tiny: 3 layers
+    for c in res["cases"]:
+        assert set(c["ms"]) == {"ours", "eigen", "torch"} and min(c["ms"].values()) > 0, c
+    assert "ours/torch time" in out
 
 
 def test_divergence_of_a_sharded_run_starts_at_rounding_level():
