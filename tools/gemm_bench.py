@@ -31,10 +31,10 @@ FORMS = {  # name: jnp.einsum spec on the operands (a, b)
 
 def gemms(shape: dict, tokens: int) -> list:
     """(name, m, k, n, count per step) of the step's dense matmuls."""
-    D, F, V, L = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"], shape["num_layers"]
+    D, F, V, layers = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"], shape["num_layers"]
     NH, KH = shape["num_heads"] * shape["head_dim"], shape["num_kv_heads"] * shape["head_dim"]
     layer = [("q", D, NH), ("k", D, KH), ("v", D, KH), ("o", NH, D), ("gate", D, F), ("up", D, F), ("down", F, D)]
-    return [(name, tokens, k, n, L) for name, k, n in layer] + [("head", tokens, D, V, 1)]
+    return [(name, tokens, k, n, layers) for name, k, n in layer] + [("head", tokens, D, V, 1)]
 
 
 def operands(form: str, m: int, k: int, n: int, rng):
