@@ -7,8 +7,9 @@ The NTP step's dense matmuls (each layer's q, k, v, o, gate, up and down project
 head) on the bench's batch of T = B x L tokens, each in its three forms: forward y = x W, input
 gradient dx = dy W^T, weight gradient dW = x^T dy (x^T materialised first, as `cpu.cpu_einsum`
 does). Ours: each jitted alone with the train step's compiler options (`cpu.compiler_options
-("train")`: YNNPACK's matmuls on CPU); eigen: XLA's Eigen matmuls; torch: `torch.matmul` with
-PyTorch's own threads (MKL in the x86 wheels), the forms its autograd runs. Rounds alternate so
+("train")`: YNNPACK's matmuls on CPU); eigen: XLA's Eigen matmuls (the "forward_body" options);
+torch: `torch.matmul` with PyTorch's own threads (MKL in the x86 wheels), the forms its autograd
+runs. Rounds alternate so
 machine drift hits all three alike; medians. The total weights each GEMM by how often one step
 runs it (the head counted on all T tokens, as transformers runs it; ours runs it on the response
 tokens only). Attention's batched matmuls are `tools/bench.py --kinds attention`. Not a test.
@@ -84,8 +85,8 @@ def main():
     if jax.default_backend() != "cpu":
         raise SystemExit("gemm_bench compares XLA:CPU's GEMMs with PyTorch's on the CPU: run it with JAX_PLATFORMS=cpu")
     options = {"ours": cpu.compiler_options("train") or {}}
-    if options["ours"]:
-        options["eigen"] = {**options["ours"], cpu.YNN_FLAG: ""}
+    if eigen := cpu.compiler_options("forward_body"):  # Eigen's matmuls (None: XLA_FLAGS chose the library)
+        options["eigen"] = eigen
     rng = np.random.default_rng(0)
     cases = []
     for name, m, k, n, count in gemms(SHAPES[args.shape], B * L):
