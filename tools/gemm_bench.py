@@ -9,10 +9,9 @@ gradient dx = dy W^T, weight gradient dW = x^T dy (x^T materialised first, as `c
 does). Ours: each jitted alone with the train step's compiler options (`cpu.compiler_options
 ("train")`: YNNPACK's matmuls on CPU); eigen: XLA's Eigen matmuls (the "forward_body" options);
 torch: `torch.matmul` with PyTorch's own threads (MKL in the x86 wheels), the forms its autograd
-runs. Rounds alternate so
-machine drift hits all three alike; medians. The total weights each GEMM by how often one step
-runs it (the head counted on all T tokens, as transformers runs it; ours runs it on the response
-tokens only). Attention's batched matmuls are `tools/bench.py --kinds attention`. Not a test.
+runs. Rounds alternate so machine drift hits all three alike; medians. The total weights each GEMM
+by how often one step runs it (the head counted on all T tokens, as transformers runs it; ours
+runs it on the response tokens only). Attention's batched matmuls are `tools/bench.py --kinds attention`. Not a test.
 """
 import argparse
 import json
